@@ -1,0 +1,58 @@
+# tess: `make demo` and `make test` are all a fresh machine needs; every target creates .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
+
+# Variables (all optional): PREFIX=s3://bucket/prefix ENDPOINT=url WORKERS=n CLIENTS=n CACHE_DIR=dir
+# LIMIT=n EPOCHS=n BATCH=n OUT=dir N=objects NPROC=n
+PREFIX ?=
+ENDPOINT ?=
+WORKERS ?=
+CLIENTS ?=
+CACHE_DIR ?=
+LIMIT ?=
+EPOCHS ?= 5
+BATCH ?=
+OUT ?= runs/latest
+N ?= 5000
+NPROC ?= 2
+
+cache_arg = $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR))
+fetch_args = $(PREFIX) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(if $(WORKERS),-w $(WORKERS)) \
+	$(if $(CLIENTS),-c $(CLIENTS)) $(if $(LIMIT),--limit $(LIMIT)) $(cache_arg)
+train_args = -e $(EPOCHS) $(if $(WORKERS),-w $(WORKERS)) $(if $(BATCH),-b $(BATCH)) \
+	$(if $(PREFIX),--prefix $(PREFIX)) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(cache_arg) --out $(OUT)
+
+.PHONY: help venv fetch serve train demo clean-cache test
+
+help:
+	@echo "make demo | fetch [PREFIX= ENDPOINT= WORKERS= CLIENTS= LIMIT= CACHE_DIR=] | serve | train [EPOCHS= WORKERS= BATCH= PREFIX= CACHE_DIR= OUT=] | clean-cache | test"
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+fetch: $(STAMP)
+	$(PY) -m pipeline fetch $(fetch_args)
+
+serve: $(STAMP)
+	$(PY) -m pipeline serve
+
+train: $(STAMP)
+	$(PY) train_vae.py $(train_args)
+
+demo: $(STAMP)
+	$(PY) -m pipeline fetch $(cache_arg)
+	$(PY) train_vae.py -e 2 $(cache_arg) --out runs/demo
+	@echo "pictures: runs/demo/reconstructions.png runs/demo/samples.png runs/demo/loss.png"
+
+clean-cache: $(STAMP)
+	$(PY) -m pipeline clean-cache $(cache_arg)
+
+test: $(STAMP)
+	$(PY) -m pytest -q

@@ -1,0 +1,56 @@
+"""The key index: (endpoint, bucket, key, etag, size) -> sha256, kept in a diskcache store in the cache.
+
+It is what makes a re-fetch of an unchanged prefix cost LIST requests only: a listed object whose
+(key, ETag, size) was seen before and whose blob is still present needs no GET. diskcache (SQLite in
+WAL mode) makes it safe to share between processes and survives killed runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import diskcache
+
+from cache.layout import CacheLayout
+
+
+def _index_key(endpoint: str, bucket: str, key: str, etag: str, size: int) -> str:
+    return json.dumps([endpoint, bucket, key, etag, int(size)], ensure_ascii=False, separators=(",", ":"))
+
+
+class KeyIndex:
+    """Lookup and bulk insert of key -> content hash."""
+
+    def __init__(self, layout: CacheLayout) -> None:
+        layout.index.mkdir(parents=True, exist_ok=True)
+        # No eviction: the index is tiny next to the blobs and losing entries costs GETs.
+        self._cache = diskcache.Cache(str(layout.index), eviction_policy="none", size_limit=2**62)
+
+    def get(self, *, endpoint: str, bucket: str, key: str, etag: str, size: int) -> str | None:
+        return self._cache.get(_index_key(endpoint, bucket, key, etag, size))
+
+    def get_many(self, endpoint: str, bucket: str, items: Iterable[tuple[str, str, int]]) -> list[str | None]:
+        """Look up (key, etag, size) triples in one read transaction."""
+        get = self._cache.get
+        with self._cache.transact():
+            return [get(_index_key(endpoint, bucket, k, e, s)) for k, e, s in items]
+
+    def put_many(self, endpoint: str, bucket: str, items: Iterable[tuple[str, str, int, str]]) -> None:
+        """Insert (key, etag, size, sha256) quadruples in one write transaction."""
+        cset = self._cache.set
+        with self._cache.transact():
+            for k, e, s, sha in items:
+                cset(_index_key(endpoint, bucket, k, e, s), sha)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def __enter__(self) -> KeyIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

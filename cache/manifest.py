@@ -1,0 +1,318 @@
+"""The key-list manifest: one pinned listing of (endpoint, bucket, prefix), and its compact loader.
+
+File format (``manifests/<name>.jsonl``, UTF-8 JSON Lines, written atomically):
+
+* line 1, the header: ``{"format": "tess-manifest/1", "endpoint", "bucket", "prefix", "created",
+  "count", "total_bytes", "records_sha256", ...}`` plus optional ``classes``, ``shard``, ``fetch``
+  (the fetch summary) and ``incomplete`` (keys that could not be fetched).
+* every further line, one record: ``{"key", "sha256", "size", "etag", "last_modified", "label"}``,
+  in listing order (S3 lists keys in UTF-8 binary order).
+
+``records_sha256`` is the SHA-256 of the record lines exactly as written; it identifies the pinned
+listing (checkpoints and decoded packs refer to it). Beside the manifest, ``<name>.keys`` holds the
+plain key list, one key per line, with ``\\``, LF and CR escaped as ``\\\\``, ``\\n`` and ``\\r`` so that
+any key round-trips exactly (:func:`read_key_list`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache.atomic import atomic_writer
+from cache.layout import CacheLayout
+
+MANIFEST_FORMAT = "tess-manifest/1"
+MANIFEST_SUFFIX = ".jsonl"
+KEYS_SUFFIX = ".keys"
+_SLUG_RE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestRecord:
+    """One object of a pinned listing."""
+
+    key: str
+    sha256: str
+    size: int
+    etag: str
+    last_modified: str
+    label: int = -1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestHeader:
+    """Line 1 of a manifest; ``extra`` holds the optional fields (classes, shard, fetch, incomplete)."""
+
+    endpoint: str
+    bucket: str
+    prefix: str
+    created: str
+    count: int
+    total_bytes: int
+    records_sha256: str
+    format: str = MANIFEST_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "extra"}
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], *, source: str = "manifest") -> ManifestHeader:
+        if d.get("format") != MANIFEST_FORMAT:
+            raise ValueError(
+                f"{source}: format {d.get('format')!r} is not {MANIFEST_FORMAT!r}; re-run `make fetch` to rewrite it"
+            )
+        names = {"endpoint", "bucket", "prefix", "created", "count", "total_bytes", "records_sha256", "format"}
+        missing = sorted(names - d.keys())
+        if missing:
+            raise ValueError(f"{source}: header lacks {missing}; re-run `make fetch` to rewrite it")
+        return cls(**{k: d[k] for k in names}, extra={k: v for k, v in d.items() if k not in names})
+
+    @property
+    def name(self) -> str:
+        return manifest_name(self.endpoint, self.bucket, self.prefix, shard=self.extra.get("shard"))
+
+
+def manifest_name(endpoint: str, bucket: str, prefix: str, *, shard: str | None = None) -> str:
+    """File stem of the manifest of (endpoint, bucket, prefix[, shard]): readable slug + short hash."""
+    ident = "\n".join([endpoint, bucket, prefix, shard or ""])
+    digest = hashlib.sha256(ident.encode("utf-8")).hexdigest()[:12]
+    slug = _SLUG_RE.sub("_", f"{bucket}-{prefix}").strip("_.-")[:60] or "root"
+    tail = f"-shard{shard.replace('/', 'of')}" if shard else ""
+    return f"{slug}{tail}-{digest}"
+
+
+def escape_key(key: str) -> str:
+    return key.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _unescape_key(line: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if c == "\\" and i + 1 < len(line):
+            nxt = line[i + 1]
+            out.append({"n": "\n", "r": "\r", "\\": "\\"}.get(nxt, "\\" + nxt))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def read_key_list(path: str | os.PathLike[str]) -> list[str]:
+    """Read a ``.keys`` file back into the exact keys."""
+    with open(path, encoding="utf-8", newline="\n") as f:
+        return [_unescape_key(line[:-1] if line.endswith("\n") else line) for line in f]
+
+
+def _record_line(r: ManifestRecord) -> bytes:
+    return (json.dumps(asdict(r), ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def write_manifest(
+    layout: CacheLayout,
+    *,
+    endpoint: str,
+    bucket: str,
+    prefix: str,
+    records: Iterable[ManifestRecord],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``<name>.jsonl`` and ``<name>.keys`` atomically; return the manifest path.
+
+    ``endpoint`` must already be free of credentials (the caller strips them).
+    """
+    extra = dict(extra or {})
+    lines: list[bytes] = []
+    keys: list[str] = []
+    total = 0
+    h = hashlib.sha256()
+    for r in records:
+        line = _record_line(r)
+        h.update(line)
+        lines.append(line)
+        keys.append(r.key)
+        total += r.size
+    header = ManifestHeader(
+        endpoint=endpoint,
+        bucket=bucket,
+        prefix=prefix,
+        created=utc_now(),
+        count=len(lines),
+        total_bytes=total,
+        records_sha256=h.hexdigest(),
+        extra=extra,
+    )
+    layout.manifests.mkdir(parents=True, exist_ok=True)
+    stem = header.name
+    path = layout.manifests / f"{stem}{MANIFEST_SUFFIX}"
+    # Key list first: a reader that finds the manifest can rely on its key list being at least as new.
+    with atomic_writer(layout.manifests / f"{stem}{KEYS_SUFFIX}") as f:
+        f.write("".join(escape_key(k) + "\n" for k in keys).encode("utf-8"))
+    with atomic_writer(path) as f:
+        f.write((json.dumps(header.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8"))
+        f.writelines(lines)
+    return path
+
+
+def read_manifest_header(path: str | os.PathLike[str]) -> ManifestHeader:
+    """Parse only line 1 of a manifest."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"manifest {str(p)!r} not found; run `make fetch PREFIX=s3://bucket/prefix` first")
+    with open(p, "rb") as f:
+        first = f.readline()
+    try:
+        d = json.loads(first)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: line 1 is not JSON ({e}); re-run `make fetch` to rewrite it") from None
+    return ManifestHeader.from_json(d, source=str(p))
+
+
+class StringArray:
+    """Many strings in two numpy arrays (UTF-8 bytes + offsets): no per-string Python objects."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
+        self.data = data
+        self.offsets = offsets
+
+    @classmethod
+    def from_strings(cls, strings: Sequence[str]) -> StringArray:
+        encoded = [s.encode("utf-8") for s in strings]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        data = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+        return cls(data, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return self.data[start:end].tobytes().decode("utf-8")
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes + self.offsets.nbytes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestArrays:
+    """A loaded manifest as compact arrays, cheap to share with DataLoader workers."""
+
+    path: Path
+    header: ManifestHeader
+    keys: StringArray
+    etags: StringArray
+    sha256: np.ndarray  # (N, 32) uint8
+    size: np.ndarray  # (N,) int64
+    label: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.size)
+
+    def sha_hex(self, i: int) -> str:
+        return self.sha256[i].tobytes().hex()
+
+    def record(self, i: int) -> dict[str, Any]:
+        """Record ``i`` as a dict (for messages and tools, not for hot loops)."""
+        return {
+            "key": self.keys[i],
+            "sha256": self.sha_hex(i),
+            "size": int(self.size[i]),
+            "etag": self.etags[i],
+            "label": int(self.label[i]),
+        }
+
+    @property
+    def nbytes(self) -> int:
+        return int(
+            self.keys.nbytes + self.etags.nbytes + self.sha256.nbytes + self.size.nbytes + self.label.nbytes
+        )
+
+
+def load_manifest(path: str | os.PathLike[str]) -> ManifestArrays:
+    """Load a manifest into :class:`ManifestArrays`, checking the header and the records digest."""
+    p = Path(path)
+    header = read_manifest_header(p)
+    n = int(header.count)
+    sha = np.empty((n, 32), dtype=np.uint8)
+    size = np.empty(n, dtype=np.int64)
+    label = np.empty(n, dtype=np.int64)
+    key_bytes: list[bytes] = []
+    etag_bytes: list[bytes] = []
+    h = hashlib.sha256()
+    loads = json.loads
+    i = -1
+    with open(p, "rb") as f:
+        f.readline()
+        for i, line in enumerate(f):
+            if i >= n:
+                raise ValueError(f"{p}: more records than the header's count {n}; re-run `make fetch`")
+            h.update(line)
+            r = loads(line)
+            key_bytes.append(r["key"].encode("utf-8"))
+            etag_bytes.append(r["etag"].encode("utf-8"))
+            sha[i] = np.frombuffer(bytes.fromhex(r["sha256"]), dtype=np.uint8)
+            size[i] = r["size"]
+            label[i] = r["label"]
+    if i + 1 != n:
+        raise ValueError(f"{p}: {i + 1} records but the header says {n}; re-run `make fetch` to rewrite it")
+    if h.hexdigest() != header.records_sha256:
+        raise ValueError(f"{p}: records do not match records_sha256 (edited or damaged); re-run `make fetch`")
+    return ManifestArrays(
+        path=p,
+        header=header,
+        keys=_string_array(key_bytes),
+        etags=_string_array(etag_bytes),
+        sha256=sha,
+        size=size,
+        label=label,
+    )
+
+
+def _string_array(encoded: list[bytes]) -> StringArray:
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    if encoded:
+        np.cumsum(np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+    return StringArray(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
+
+
+def list_manifests(layout: CacheLayout) -> list[Path]:
+    """All manifests of the cache, oldest first (by modification time)."""
+    if not layout.manifests.is_dir():
+        return []
+    paths = [p for p in layout.manifests.glob(f"*{MANIFEST_SUFFIX}") if not p.name.startswith(".")]
+    return sorted(paths, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def latest_manifest(layout: CacheLayout) -> Path:
+    """The most recently written manifest; FileNotFoundError with the fix when there is none."""
+    paths = list_manifests(layout)
+    if not paths:
+        raise FileNotFoundError(
+            f"no manifest in {layout.manifests}; run `make fetch` (demo) or `make fetch PREFIX=s3://bucket/prefix`"
+        )
+    return paths[-1]

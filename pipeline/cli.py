@@ -1,0 +1,202 @@
+"""Command line of the pipeline: ``python -m pipeline fetch|serve|upload|verify|stats|clean-cache``.
+
+Every failure the user can fix ends in one line on stderr (``tess: error: ...``) and a non-zero exit:
+2 for bad input or refused access, 3 for a fetch that left some objects out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import sqlite3
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from cache.blobs import BlobWriteError
+from cache.layout import CacheLayout
+from pipeline.config import ClientOptions, S3Uri, resolve_endpoint
+from pipeline.s3 import StorageError
+
+log = logging.getLogger("tess")
+
+DEFAULT_DEMO_N = 5000
+
+
+def add_client_args(p: argparse.ArgumentParser) -> None:
+    """Flags of :class:`ClientOptions`, shared by every command that talks to S3."""
+    d = ClientOptions()
+    g = p.add_argument_group("S3 client")
+    g.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS)")
+    g.add_argument("--max-connections", type=int, default=d.max_connections, help=f"connections (and threads) per client (default {d.max_connections})")
+    g.add_argument("--retry-mode", default=d.retry_mode, choices=("standard", "adaptive", "legacy"), help="botocore retry mode (default standard)")
+    g.add_argument("--max-attempts", type=int, default=d.max_attempts, help=f"attempts per request and per object (default {d.max_attempts})")
+    g.add_argument("--connect-timeout", type=float, default=d.connect_timeout, help=f"seconds (default {d.connect_timeout})")
+    g.add_argument("--read-timeout", type=float, default=d.read_timeout, help=f"seconds (default {d.read_timeout})")
+
+
+def client_options(args: argparse.Namespace, *, endpoint: str | None = None) -> ClientOptions:
+    return ClientOptions(
+        endpoint=endpoint if endpoint is not None else resolve_endpoint(args.endpoint),
+        max_connections=args.max_connections,
+        retry_mode=args.retry_mode,
+        max_attempts=args.max_attempts,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="tess: mirror S3 prefixes into a content-addressed cache.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch", help="mirror an S3 prefix into the cache and write its manifest")
+    f.add_argument("prefix", nargs="?", default=None, help="s3://bucket/prefix; omitted: start the embedded demo server and fetch its demo set")
+    f.add_argument("-w", "--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    f.add_argument("-c", "--clients", type=int, default=1, help="S3 clients per process; worker i uses client i %% c (default 1)")
+    f.add_argument("-b", "--batch", type=int, default=64, help="objects per DataLoader batch, fetched concurrently (default 64)")
+    f.add_argument("--limit", type=_positive_int, default=None, help="fetch only the first N listed objects")
+    f.add_argument("--cache-dir", default=None, help="cache root (default $TESS_CACHE_DIR or ~/.cache/tess)")
+    f.add_argument("--verify", action="store_true", help="rehash local blobs instead of trusting the key index")
+    f.add_argument("--demo", type=_positive_int, default=DEFAULT_DEMO_N, help=f"demo images for the embedded server (default {DEFAULT_DEMO_N})")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_client_args(f)
+
+    s = sub.add_parser("serve", help="run the embedded S3 server (moto) with the demo set in the foreground")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=9000, help="port (default 9000; 0 picks a free one)")
+    s.add_argument("--demo", type=int, default=DEFAULT_DEMO_N, help=f"demo images to seed (default {DEFAULT_DEMO_N}; 0 for none)")
+    s.add_argument("--seed", type=int, default=0, help="demo set seed (default 0)")
+    s.add_argument("--until-stdin-closes", action="store_true", help=argparse.SUPPRESS)
+
+    u = sub.add_parser("upload", help="upload a local folder of images to s3://bucket/prefix")
+    u.add_argument("folder", help="local folder; keys are prefix + the path relative to it")
+    u.add_argument("prefix", help="s3://bucket/prefix")
+    u.add_argument("--create-bucket", action="store_true", help="create the bucket when it does not exist")
+    add_client_args(u)
+
+    c = sub.add_parser("clean-cache", help="remove the cache folder and say what was removed")
+    c.add_argument("--cache-dir", default=None, help="cache root (default $TESS_CACHE_DIR or ~/.cache/tess)")
+    return parser
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from pipeline.fetch import FetchConfig, fetch
+
+    if args.prefix is None:
+        from pipeline.demo import DEMO_BUCKET, DEMO_PREFIX
+        from pipeline.server import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, embedded_server
+
+        # Demo-only keys for the embedded server; the user's own credentials never go to it.
+        os.environ.update(AWS_ACCESS_KEY_ID=DEMO_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=DEMO_SECRET_KEY)
+        os.environ.pop("AWS_SESSION_TOKEN", None)
+        os.environ.pop("AWS_PROFILE", None)
+        print(f"no PREFIX given: starting the embedded S3 server with {args.demo} demo images", file=sys.stderr)
+        with embedded_server(demo=args.demo) as endpoint:
+            return _run_fetch(args, f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}", client_options(args, endpoint=endpoint), "embedded-demo")
+    return _run_fetch(args, args.prefix, client_options(args), None)
+
+
+def _run_fetch(args: argparse.Namespace, prefix: str, options: ClientOptions, label: str | None) -> int:
+    from pipeline.fetch import FetchConfig, fetch
+
+    config = FetchConfig(
+        prefix=prefix, options=options, cache_dir=args.cache_dir, workers=args.workers, clients=args.clients,
+        batch=args.batch, limit=args.limit, verify=args.verify, endpoint_label=label, progress=not args.no_progress,
+    )
+    result = fetch(config)
+    print(result.summary.line())
+    for err in result.summary.errors[:10]:
+        print(f"  {err}", file=sys.stderr)
+    print(f"manifest: {result.manifest}")
+    if result.exit_code:
+        print(f"tess: incomplete: {result.summary.missing + result.summary.failed} objects were not fetched (exit {result.exit_code})", file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.server import serve
+
+    serve(host=args.host, port=args.port, demo=args.demo, seed=args.seed, until_stdin_closes=args.until_stdin_closes)
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pipeline.s3 import upload_file
+
+    root = Path(args.folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder {args.folder!r} does not exist; pass a folder of images to upload")
+    uri = S3Uri.parse(args.prefix)
+    options = client_options(args)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"folder {args.folder!r} holds no files; nothing to upload")
+    if args.create_bucket:
+        from pipeline.s3 import ensure_bucket
+
+        ensure_bucket(uri, options)
+    total = sum(p.stat().st_size for p in files)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload") as bar, ThreadPoolExecutor(options.max_connections) as pool:
+        def one(p: Path) -> None:
+            key = uri.prefix + p.relative_to(root).as_posix()
+            upload_file(p, uri.bucket, key, options, uri_for_errors=f"s3://{uri.bucket}/{key}")
+            bar.update(p.stat().st_size)
+
+        for _ in pool.map(one, files):
+            pass
+    print(f"uploaded {len(files)} files ({total / 1e6:.1f} MB) to {uri}")
+    return 0
+
+
+def cmd_clean_cache(args: argparse.Namespace) -> int:
+    layout = CacheLayout.at(args.cache_dir)
+    if not layout.root.exists():
+        print(f"nothing to remove: {layout.root} does not exist")
+        return 0
+    n_files = sum(len(files) for _, _, files in os.walk(layout.root))
+    size = sum(f.stat().st_size for f in layout.root.rglob("*") if f.is_file())
+    shutil.rmtree(layout.root)
+    print(f"removed {layout.root} ({n_files} files, {size / 1e6:.1f} MB)")
+    return 0
+
+
+COMMANDS = {"fetch": cmd_fetch, "serve": cmd_serve, "upload": cmd_upload, "clean-cache": cmd_clean_cache}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="tess: %(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (StorageError, BlobWriteError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"tess: error: {e}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as e:
+        print(f"tess: error: the key index under the cache dir failed ({e}); free disk space or pass --cache-dir", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"tess: error: disk full while writing the cache ({e.filename or 'cache'}); free space or pass --cache-dir", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("tess: interrupted; the cache is valid and a rerun resumes", file=sys.stderr)
+        return 130

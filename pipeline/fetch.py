@@ -1,0 +1,260 @@
+"""The fetch stage: list a prefix, skip what the cache already holds, mirror the rest, pin a manifest.
+
+The mirroring itself is ``DSSDataset(load2memory=False)`` driven by a torch ``DataLoader`` (``workers``
+processes; worker ``i`` uses client ``i % clients``; each batch fetched concurrently by a thread pool).
+Workers record each finished batch in the key index; the main process writes the manifest once every
+object is accounted for, so a
+killed fetch leaves the previous manifest untouched and only complete blobs behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cache.atomic import remove_stale_temp_files
+from cache.blobs import BlobStore, hash_file
+from cache.index import KeyIndex
+from cache.layout import CacheLayout
+from cache.manifest import ManifestRecord, write_manifest
+from pipeline.config import ClientOptions, S3Uri
+from pipeline.datasets import DSSDataset
+from pipeline.listing import Listing
+from pipeline.s3 import StorageError, list_objects
+
+log = logging.getLogger(__name__)
+
+EXIT_INCOMPLETE = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class FetchConfig:
+    """What to fetch and how.
+
+    Attributes:
+        prefix: ``s3://bucket/prefix``.
+        options: S3 client options (endpoint, connections, retries, timeouts).
+        cache_dir: cache root; None means ``$TESS_CACHE_DIR`` or ``~/.cache/tess``.
+        workers: DataLoader worker processes (0 = fetch in the main process).
+        clients: clients per process; worker ``i`` uses client ``i % clients``.
+        batch: objects per DataLoader batch (each batch is fetched concurrently).
+        limit: fetch at most this many objects (the first ones in listing order).
+        verify: rehash local blobs instead of trusting the key index.
+        endpoint_label: what the manifest records as endpoint (default: the endpoint URL or ``aws``).
+        progress: show a tqdm bar.
+    """
+
+    prefix: str
+    options: ClientOptions = field(default_factory=ClientOptions)
+    cache_dir: str | os.PathLike[str] | None = None
+    workers: int = 2
+    clients: int = 1
+    batch: int = 64
+    limit: int | None = None
+    verify: bool = False
+    endpoint_label: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        S3Uri.parse(self.prefix)
+        if not 0 <= self.workers <= 256:
+            raise ValueError(f"workers={self.workers} must be between 0 and 256 (-w/--workers, WORKERS=)")
+        if not 1 <= self.clients <= 256:
+            raise ValueError(f"clients={self.clients} must be between 1 and 256 (-c/--clients, CLIENTS=)")
+        if not 1 <= self.batch <= 100_000:
+            raise ValueError(f"batch={self.batch} must be between 1 and 100000 (--batch)")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit={self.limit} must be >= 1 (--limit)")
+
+
+@dataclass(kw_only=True)
+class FetchSummary:
+    """Counts and rates of one fetch (stored in the manifest header as ``fetch``)."""
+
+    listed: int = 0
+    fetched: int = 0
+    cached: int = 0
+    missing: int = 0
+    failed: int = 0
+    bytes_fetched: int = 0
+    bytes_total: int = 0
+    retries: int = 0
+    list_s: float = 0.0
+    wall_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.missing == 0 and self.failed == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "listed": self.listed,
+            "fetched": self.fetched,
+            "cached": self.cached,
+            "missing": self.missing,
+            "failed": self.failed,
+            "bytes_fetched": self.bytes_fetched,
+            "bytes_total": self.bytes_total,
+            "retries": self.retries,
+            "list_s": round(self.list_s, 3),
+            "wall_s": round(self.wall_s, 3),
+        }
+
+    def line(self) -> str:
+        wall = max(self.wall_s, 1e-9)
+        return (
+            f"fetched {self.fetched}, already cached {self.cached}, missing {self.missing}, failed {self.failed} "
+            f"objects; {self.bytes_fetched / 1e6:.1f} MB fetched of {self.bytes_total / 1e6:.1f} MB; "
+            f"{self.retries} retries; {self.wall_s:.2f} s wall; {self.fetched / wall:.0f} objects/s; "
+            f"{self.bytes_fetched / 1e6 / wall:.2f} MB/s"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FetchResult:
+    manifest: Path | None
+    summary: FetchSummary
+    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.summary.complete else EXIT_INCOMPLETE
+
+
+def _keep_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _resolve_cached(listing: Listing, *, layout: CacheLayout, endpoint: str, bucket: str, verify: bool) -> list[str | None]:
+    """sha256 for each listed object whose content is already in the cache, else None."""
+    with KeyIndex(layout) as index:
+        shas = index.get_many(endpoint, bucket, ((listing.keys[i], listing.etags[i], int(listing.size[i])) for i in range(len(listing))))
+    out: list[str | None] = []
+    for sha in shas:
+        if sha is not None:
+            path = layout.blob_path(sha)
+            ok = path.is_file() and (hash_file(path) == sha if verify else True)
+            sha = sha if ok else None
+        out.append(sha)
+    return out
+
+
+def fetch(config: FetchConfig) -> FetchResult:
+    """Mirror ``config.prefix`` into the cache and write its manifest.
+
+    Returns:
+        The manifest path (None when nothing could be written) and the summary; ``exit_code`` is 3
+        when some objects were missing or failed (the manifest then lists only the others).
+
+    Raises:
+        StorageError: for problems no retry fixes (credentials, bucket, endpoint, empty prefix, disk).
+    """
+    t0 = time.perf_counter()
+    uri = S3Uri.parse(config.prefix)
+    options = config.options
+    endpoint = config.endpoint_label or options.endpoint_label
+    layout = CacheLayout.at(config.cache_dir).create()
+    stale = remove_stale_temp_files(layout.tmp) + remove_stale_temp_files(layout.manifests)
+    if stale:
+        log.info("removed %d temp files left by killed runs", stale)
+    summary = FetchSummary()
+
+    listing = Listing.from_objects(list_objects(uri, options, limit=config.limit), prefix=uri.prefix)
+    summary.list_s = time.perf_counter() - t0
+    summary.listed = len(listing)
+    if len(listing) == 0:
+        raise StorageError(f"no objects under {uri}; check PREFIX (keys are case-sensitive and the prefix is literal)")
+
+    shas = _resolve_cached(listing, layout=layout, endpoint=endpoint, bucket=uri.bucket, verify=config.verify)
+    records: list[dict[str, Any] | None] = [None] * len(listing)
+    for i, sha in enumerate(shas):
+        if sha is not None:
+            summary.cached += 1
+            records[i] = {
+                "index": i, "key": listing.keys[i], "sha256": sha, "size": int(listing.size[i]),
+                "etag": listing.etags[i], "last_modified": listing.last_modified[i],
+                "label": int(listing.label[i]), "status": "cached",
+            }
+    todo = np.array([i for i, sha in enumerate(shas) if sha is None], dtype=np.int64)
+    if len(todo):
+        _mirror(config, uri, listing, todo, records, summary, layout=layout, endpoint=endpoint)
+
+    kept = [r for r in records if r is not None and r["status"] in ("fetched", "cached")]
+    summary.bytes_total = sum(int(r["size"]) for r in kept)
+    summary.wall_s = time.perf_counter() - t0
+    extra: dict[str, Any] = {"fetch": summary.to_json()}
+    if listing.classes:
+        extra["classes"] = list(listing.classes)
+    if not summary.complete:
+        extra["incomplete"] = summary.missing + summary.failed
+    path = write_manifest(
+        layout,
+        endpoint=endpoint,
+        bucket=uri.bucket,
+        prefix=uri.prefix,
+        records=(
+            ManifestRecord(key=r["key"], sha256=r["sha256"], size=int(r["size"]), etag=r["etag"],
+                           last_modified=r["last_modified"], label=int(r["label"]))
+            for r in kept
+        ),
+        extra=extra,
+    )
+    return FetchResult(manifest=path, summary=summary, records=[r for r in records if r is not None])
+
+
+def _mirror(config: FetchConfig, uri: S3Uri, listing: Listing, todo: np.ndarray, records: list[dict[str, Any] | None],
+            summary: FetchSummary, *, layout: CacheLayout, endpoint: str) -> None:
+    """Download the objects ``todo`` through a DataLoader over ``DSSDataset(load2memory=False)``."""
+    sub = listing.subset(todo)
+    dataset = DSSDataset(str(uri), options=config.options, client_num=config.clients, load2memory=False,
+                         cache_dir=layout.root, listing=sub, endpoint_label=endpoint)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch,
+        shuffle=False,
+        num_workers=config.workers,
+        collate_fn=_keep_list,
+        # Enough batches queued per worker that its thread pool never waits on the main process.
+        prefetch_factor=4 if config.workers else None,
+    )
+    total_bytes = int(sub.size.sum())
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="fetch",
+               disable=not config.progress, dynamic_ncols=True, smoothing=0.1)
+    done = 0
+    try:
+        for batch in loader:
+            batch_bytes = 0
+            for rec in batch:
+                batch_bytes += int(sub.size[rec["index"]])
+                i = int(todo[rec["index"]])
+                rec["index"] = i
+                status = rec["status"]
+                summary.retries += max(0, int(rec.get("attempts", 1)) - 1)
+                if status == "fatal":
+                    raise StorageError(rec["error"])
+                if status == "fetched":
+                    summary.fetched += 1
+                    summary.bytes_fetched += int(rec["size"])
+                elif status == "missing":
+                    summary.missing += 1
+                    summary.errors.append(rec["error"])
+                    log.warning("%s", rec["error"])
+                else:
+                    summary.failed += 1
+                    summary.errors.append(rec["error"])
+                    log.warning("%s", rec["error"])
+                records[i] = rec
+            done += len(batch)
+            bar.update(batch_bytes)
+            bar.set_postfix_str(f"{done}/{len(todo)} objects", refresh=False)
+    finally:
+        bar.close()
