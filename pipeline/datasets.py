@@ -15,6 +15,7 @@ import logging
 import os
 import sqlite3
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import urllib3.exceptions
 from torch.utils.data import Dataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, read_file
 
 from cache.blobs import BlobStore, BlobWriteError
 from cache.index import KeyIndex
@@ -37,6 +38,9 @@ from pipeline.listing import Listing
 from pipeline.s3 import StorageError, describe_error, get_client, is_missing, list_objects, retry_call
 
 log = logging.getLogger(__name__)
+# torchvision 0.29 flags its decoders as deprecated in favour of TorchCodec; they are still the fastest
+# decoder measured here for small PNGs, so the notice is silenced rather than printed per image.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 # Errors after which a fresh GET of the whole object may succeed.
@@ -294,9 +298,7 @@ class CachedImageDataset(Dataset):
         root = Path(cache_dir) if cache_dir else self.manifest.path.parent.parent
         self.layout = CacheLayout.at(root)
         self.transforms = transforms or _DefaultTransform(image_size)
-        # One bytes object with every blob path, fixed width: no per-sample Python objects to be
-        # copied-on-read by forked workers.
-        self._objects = str(self.layout.objects).encode("utf-8")
+        self._objects = str(self.layout.objects)
         if check_blobs:
             self._check_blobs()
 
@@ -305,7 +307,14 @@ class CachedImageDataset(Dataset):
 
     def blob_path(self, i: int) -> str:
         h = self.manifest.sha256[i].tobytes().hex()
-        return f"{self.layout.objects}/{h[0:2]}/{h[2:4]}/{h}"
+        return f"{self._objects}/{h[0:2]}/{h[2:4]}/{h}"
+
+    def bad_sample_message(self, i: int, what: str) -> str:
+        """One line naming the key of sample ``i`` and how to repair it."""
+        return (
+            f"sample {i} (key {self.manifest.keys[i]!r}, blob {self.manifest.sha_hex(i)[:16]}...) {what}; "
+            "run `python -m pipeline verify --repair` (make verify) or train with --on-bad-sample skip"
+        )
 
     def _check_blobs(self) -> None:
         missing = [i for i in range(len(self)) if not os.path.isfile(self.blob_path(i))]
@@ -319,10 +328,17 @@ class CachedImageDataset(Dataset):
             )
 
     def load_uint8(self, i: int) -> torch.Tensor:
-        """Decoded uint8 (3, H, W) image ``i``."""
-        from torchvision.io import read_file
+        """Decoded uint8 (3, H, W) image ``i``.
 
-        return decode_rgb(read_file(self.blob_path(i)))
+        Raises:
+            ValueError: the blob is missing, or is not a decodable image (the message names the key).
+        """
+        try:
+            return decode_rgb(read_file(self.blob_path(i)))
+        except RuntimeError as e:
+            raise ValueError(self.bad_sample_message(i, f"is not a decodable image ({str(e).splitlines()[0]})")) from None
+        except FileNotFoundError:
+            raise ValueError(self.bad_sample_message(i, "is missing from the cache")) from None
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transforms(self.load_uint8(i)), int(self.manifest.label[i])
