@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
 
 # Variables (all optional): PREFIX=s3://bucket/prefix ENDPOINT=url WORKERS=n CLIENTS=n CACHE_DIR=dir
-# LIMIT=n EPOCHS=n BATCH=n OUT=dir N=objects NPROC=n
+# LIMIT=n EPOCHS=n BATCH=n OUT=dir N=objects NPROC=n SHARD=k/N CACHE_MAX_BYTES=size REPAIR=1
 PREFIX ?=
 ENDPOINT ?=
 WORKERS ?=
@@ -18,17 +18,21 @@ BATCH ?=
 OUT ?= runs/latest
 N ?= 5000
 NPROC ?= 2
+SHARD ?=
+CACHE_MAX_BYTES ?=
+REPAIR ?=
 
 cache_arg = $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR))
 fetch_args = $(PREFIX) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(if $(WORKERS),-w $(WORKERS)) \
-	$(if $(CLIENTS),-c $(CLIENTS)) $(if $(LIMIT),--limit $(LIMIT)) $(cache_arg)
+	$(if $(CLIENTS),-c $(CLIENTS)) $(if $(LIMIT),--limit $(LIMIT)) $(if $(SHARD),--shard $(SHARD)) \
+	$(if $(CACHE_MAX_BYTES),--max-cache-bytes $(CACHE_MAX_BYTES)) $(cache_arg)
 train_args = -e $(EPOCHS) $(if $(WORKERS),-w $(WORKERS)) $(if $(BATCH),-b $(BATCH)) \
 	$(if $(PREFIX),--prefix $(PREFIX)) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(cache_arg) --out $(OUT)
 
-.PHONY: help venv fetch serve train demo clean-cache test
+.PHONY: help venv fetch serve train train-ddp demo verify cache-stats clean-cache test
 
 help:
-	@echo "make demo | fetch [PREFIX= ENDPOINT= WORKERS= CLIENTS= LIMIT= CACHE_DIR=] | serve | train [EPOCHS= WORKERS= BATCH= PREFIX= CACHE_DIR= OUT=] | clean-cache | test"
+	@echo "make demo | fetch [PREFIX= ENDPOINT= WORKERS= CLIENTS= LIMIT= SHARD=k/N CACHE_DIR=] | serve | train [EPOCHS= WORKERS= BATCH= PREFIX= CACHE_DIR= OUT=] | train-ddp [NPROC= + train's] | verify [REPAIR=1] | cache-stats | clean-cache | test"
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,10 +50,20 @@ serve: $(STAMP)
 train: $(STAMP)
 	$(PY) train_vae.py $(train_args)
 
+# NPROC processes on this machine (gloo on CPU, nccl on CUDA); multi-node: see docs/cluster.md.
+train-ddp: $(STAMP)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) train_vae.py $(train_args)
+
 demo: $(STAMP)
 	$(PY) -m pipeline fetch $(cache_arg)
 	$(PY) train_vae.py -e 2 $(cache_arg) --out runs/demo
 	@echo "pictures: runs/demo/reconstructions.png runs/demo/samples.png runs/demo/loss.png"
+
+verify: $(STAMP)
+	$(PY) -m pipeline verify $(if $(REPAIR),--repair) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(cache_arg)
+
+cache-stats: $(STAMP)
+	$(PY) -m pipeline stats $(cache_arg)
 
 clean-cache: $(STAMP)
 	$(PY) -m pipeline clean-cache $(cache_arg)

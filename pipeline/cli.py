@@ -61,6 +61,20 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _byte_size(text: str) -> int:
+    """``123``, ``500M``, ``20G`` (powers of 1024) -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = int(float(num) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use bytes or a suffix, e.g. 500M or 20G") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 byte")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="tess: mirror S3 prefixes into a content-addressed cache.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache-dir", default=None, help="cache root (default $TESS_CACHE_DIR or ~/.cache/tess)")
     f.add_argument("--verify", action="store_true", help="rehash local blobs instead of trusting the key index")
     f.add_argument("--demo", type=_positive_int, default=DEFAULT_DEMO_N, help=f"demo images for the embedded server (default {DEFAULT_DEMO_N})")
+    f.add_argument("--shard", default=None, metavar="k/N",
+                   help="mirror only shard k of N (stable hash of the key); default $NODE_RANK/$NNODES, "
+                        "else $RANK/$WORLD_SIZE, else the whole listing")
+    f.add_argument("--max-cache-bytes", type=_byte_size, default=os.environ.get("CACHE_MAX_BYTES") or None,
+                   help="after the fetch, evict down to this size (e.g. 500M, 20G; default $CACHE_MAX_BYTES, no cap)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_client_args(f)
 
@@ -90,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--create-bucket", action="store_true", help="create the bucket when it does not exist")
     add_client_args(u)
 
+    v = sub.add_parser("verify", help="rehash every blob a manifest references; report (and --repair) bad ones")
+    v.add_argument("--cache-dir", default=None, help="cache root (default $TESS_CACHE_DIR or ~/.cache/tess)")
+    v.add_argument("--repair", action="store_true", help="fetch missing or corrupted blobs again")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_client_args(v)
+
+    st = sub.add_parser("stats", help="manifests, blobs, bytes, dedup savings and the last fetch of the cache")
+    st.add_argument("--cache-dir", default=None, help="cache root (default $TESS_CACHE_DIR or ~/.cache/tess)")
+
     c = sub.add_parser("clean-cache", help="remove the cache folder and say what was removed")
     c.add_argument("--cache-dir", default=None, help="cache root (default $TESS_CACHE_DIR or ~/.cache/tess)")
     return parser
@@ -97,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from pipeline.fetch import FetchConfig, fetch
+    from pipeline.shard import resolve_shard
+
+    # Resolved before any server starts, so a bad SHARD or NODE_RANK/NNODES fails at once.
+    args.shard_spec, origin = resolve_shard(args.shard, os.environ)
+    if args.shard_spec is not None:
+        print(f"fetching shard {args.shard_spec} (from {origin})", file=sys.stderr)
 
     if args.prefix is None:
         from pipeline.demo import DEMO_BUCKET, DEMO_PREFIX
@@ -118,12 +152,17 @@ def _run_fetch(args: argparse.Namespace, prefix: str, options: ClientOptions, la
     config = FetchConfig(
         prefix=prefix, options=options, cache_dir=args.cache_dir, workers=args.workers, clients=args.clients,
         batch=args.batch, limit=args.limit, verify=args.verify, endpoint_label=label, progress=not args.no_progress,
+        max_cache_bytes=args.max_cache_bytes, shard=getattr(args, "shard_spec", None),
     )
     result = fetch(config)
     print(result.summary.line())
     for err in result.summary.errors[:10]:
         print(f"  {err}", file=sys.stderr)
     print(f"manifest: {result.manifest}")
+    ev = result.summary.evicted
+    if ev is not None and (ev.blobs_removed or ev.manifests_removed or ev.packs_removed):
+        print(f"cache cap: evicted {ev.blobs_removed} blobs, {ev.packs_removed} packs, {len(ev.manifests_removed)} manifests "
+              f"({ev.before_bytes / 1e6:.1f} MB -> {ev.after_bytes / 1e6:.1f} MB)")
     if result.exit_code:
         print(f"tess: incomplete: {result.summary.missing + result.summary.failed} objects were not fetched (exit {result.exit_code})", file=sys.stderr)
     return result.exit_code
@@ -178,7 +217,63 @@ def cmd_clean_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fetch": cmd_fetch, "serve": cmd_serve, "upload": cmd_upload, "clean-cache": cmd_clean_cache}
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cache.verify import verify_cache
+
+    layout = CacheLayout.at(args.cache_dir)
+    if not layout.manifests.is_dir():
+        raise FileNotFoundError(f"no cache at {layout.root}; run `make fetch` first or pass --cache-dir")
+    with tqdm(desc="verify", unit="blob", disable=args.no_progress, dynamic_ncols=True) as bar:
+        report = verify_cache(layout, progress=bar.update)
+    missing = sum(p.kind == "missing" for p in report.problems)
+    corrupted = len(report.problems) - missing
+    print(f"verified {report.blobs_checked} blobs ({report.bytes_checked / 1e6:.1f} MB) referenced by "
+          f"{report.manifests} manifests ({report.records} records): {missing} missing, {corrupted} corrupted")
+    for p in report.problems[:20]:
+        print(f"  {p.kind}: key {p.key!r} (manifest {p.manifest.name})")
+    if len(report.problems) > 20:
+        print(f"  ... and {len(report.problems) - 20} more")
+    if report.ok:
+        return 0
+    if not args.repair:
+        print(f"tess: error: {len(report.problems)} records point to missing or corrupted blobs; "
+              "run `python -m pipeline verify --repair` (make verify REPAIR=1)", file=sys.stderr)
+        return 1
+    from pipeline.repair import repair
+
+    result = repair(layout, report.problems, options=client_options(args), endpoint=resolve_endpoint(args.endpoint))
+    print(f"repaired {result.repaired} blobs")
+    for err in result.failed[:20]:
+        print(f"  {err}", file=sys.stderr)
+    if result.failed:
+        print(f"tess: error: {len(result.failed)} blobs could not be repaired (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from cache.gc import cache_stats
+
+    s = cache_stats(CacheLayout.at(args.cache_dir))
+    print(f"cache {s.root}")
+    print(f"  manifests: {len(s.manifests)}")
+    for m in s.manifests:
+        shard = f" shard {m['shard']}" if m.get("shard") else ""
+        print(f"    {m['name']}: {m['uri']}{shard} at {m['endpoint']}, {m['count']} objects, {m['bytes'] / 1e6:.1f} MB, {m['created']}")
+    print(f"  blobs: {s.blobs} ({s.blob_bytes / 1e6:.1f} MB; {s.unreferenced_blobs} referenced by no manifest)")
+    print(f"  decoded packs: {s.pack_bytes / 1e6:.1f} MB")
+    print(f"  dedup savings: {s.dedup_savings / 1e6:.1f} MB (manifests list {s.logical_bytes / 1e6:.1f} MB, distinct blobs {s.unique_bytes / 1e6:.1f} MB)")
+    if s.last_fetch:
+        lf = s.last_fetch
+        print(f"  last fetch: {lf['manifest']} at {lf['created']}: fetched {lf.get('fetched', '?')}, cached {lf.get('cached', '?')}, "
+              f"{lf.get('wall_s', '?')} s wall")
+    return 0
+
+
+COMMANDS = {"fetch": cmd_fetch, "serve": cmd_serve, "upload": cmd_upload, "verify": cmd_verify, "stats": cmd_stats,
+            "clean-cache": cmd_clean_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

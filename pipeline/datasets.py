@@ -56,6 +56,11 @@ _TRANSIENT = (
 )
 
 
+def _botocore_retries(response: dict[str, Any]) -> int:
+    """Retries botocore made inside one call, from its ``ResponseMetadata.RetryAttempts``."""
+    return int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
+
+
 def to_float(image: torch.Tensor, *, image_size: int | None = None) -> torch.Tensor:
     """uint8 CHW -> float32 in [0, 1], resized (bilinear, antialiased) when ``image_size`` differs."""
     x = image.float().div_(255.0)
@@ -232,7 +237,14 @@ class DSSDataset(Dataset):
         def once() -> tuple[str, bool, str, int]:
             nonlocal attempts
             attempts += 1
-            resp = client.get_object(Bucket=self.uri.bucket, Key=key)
+            try:
+                resp = client.get_object(Bucket=self.uri.bucket, Key=key)
+            except botocore.exceptions.ClientError as e:
+                # botocore retried 5xx/throttling inside this call before giving up; count those too.
+                attempts += _botocore_retries(e.response)
+                raise
+            # Resets, timeouts and 5xx answers botocore retried inside this successful call.
+            attempts += _botocore_retries(resp)
             length = int(resp["ContentLength"])
             etag = resp.get("ETag", "")
             writer = store.writer(expected_size=length, etag=etag, label=uri)

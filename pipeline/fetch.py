@@ -23,12 +23,16 @@ from tqdm import tqdm
 from cache.atomic import remove_stale_temp_files
 from cache.blobs import BlobStore, hash_file
 from cache.index import KeyIndex
+from cache.gc import EvictionReport, enforce_cap
 from cache.layout import CacheLayout
+from cache.locks import cache_lock
 from cache.manifest import ManifestRecord, write_manifest
+from cache.verify import GC_LOCK
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.datasets import DSSDataset
 from pipeline.listing import Listing
 from pipeline.s3 import StorageError, list_objects
+from pipeline.shard import ShardSpec, shard_mask
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,12 @@ class FetchConfig:
         batch: objects per DataLoader batch (each batch is fetched concurrently).
         limit: fetch at most this many objects (the first ones in listing order).
         verify: rehash local blobs instead of trusting the key index.
+        max_cache_bytes: after the fetch, evict until blobs + packs fit (see :mod:`cache.gc`); a prefix
+            larger than the cap fails before any download.
         endpoint_label: what the manifest records as endpoint (default: the endpoint URL or ``aws``).
         progress: show a tqdm bar.
+        shard: mirror only this shard of the listing (:mod:`pipeline.shard`); the manifest records it
+            as ``shard: "k/N"`` and gets its own file. None (or ``k/1``) means the whole listing.
     """
 
     prefix: str
@@ -62,6 +70,8 @@ class FetchConfig:
     verify: bool = False
     endpoint_label: str | None = None
     progress: bool = True
+    max_cache_bytes: int | None = None
+    shard: ShardSpec | None = None
 
     def __post_init__(self) -> None:
         S3Uri.parse(self.prefix)
@@ -73,6 +83,8 @@ class FetchConfig:
             raise ValueError(f"batch={self.batch} must be between 1 and 100000 (--batch)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit={self.limit} must be >= 1 (--limit)")
+        if self.max_cache_bytes is not None and self.max_cache_bytes < 1:
+            raise ValueError(f"max_cache_bytes={self.max_cache_bytes} must be >= 1 (--max-cache-bytes, CACHE_MAX_BYTES=)")
 
 
 @dataclass(kw_only=True)
@@ -90,6 +102,7 @@ class FetchSummary:
     list_s: float = 0.0
     wall_s: float = 0.0
     errors: list[str] = field(default_factory=list)
+    evicted: EvictionReport | None = None
 
     @property
     def complete(self) -> bool:
@@ -142,8 +155,13 @@ def _resolve_cached(listing: Listing, *, layout: CacheLayout, endpoint: str, buc
     for sha in shas:
         if sha is not None:
             path = layout.blob_path(sha)
-            ok = path.is_file() and (hash_file(path) == sha if verify else True)
-            sha = sha if ok else None
+            try:
+                # Marks the blob as used now (the LRU order of cache.gc) and proves it exists.
+                os.utime(path)
+            except FileNotFoundError:
+                sha = None
+            else:
+                sha = sha if not verify or hash_file(path) == sha else None
         out.append(sha)
     return out
 
@@ -160,12 +178,22 @@ def fetch(config: FetchConfig) -> FetchResult:
     """
     t0 = time.perf_counter()
     uri = S3Uri.parse(config.prefix)
-    options = config.options
-    endpoint = config.endpoint_label or options.endpoint_label
     layout = CacheLayout.at(config.cache_dir).create()
     stale = remove_stale_temp_files(layout.tmp) + remove_stale_temp_files(layout.manifests)
     if stale:
         log.info("removed %d temp files left by killed runs", stale)
+    # Shared GC lock for the whole run: an eviction (exclusive) never removes a blob this fetch has
+    # counted as cached before its manifest is written.
+    with cache_lock(layout, GC_LOCK, shared=True):
+        result = _fetch_locked(config, layout, uri, t0)
+    if config.max_cache_bytes is not None and result.manifest is not None:
+        result.summary.evicted = enforce_cap(layout, config.max_cache_bytes, keep=result.manifest)
+    return result
+
+
+def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, t0: float) -> FetchResult:
+    options = config.options
+    endpoint = config.endpoint_label or options.endpoint_label
     summary = FetchSummary()
 
     listing = Listing.from_objects(list_objects(uri, options, limit=config.limit), prefix=uri.prefix)
@@ -173,6 +201,18 @@ def fetch(config: FetchConfig) -> FetchResult:
     summary.listed = len(listing)
     if len(listing) == 0:
         raise StorageError(f"no objects under {uri}; check PREFIX (keys are case-sensitive and the prefix is literal)")
+    shard = config.shard if config.shard is not None and not config.shard.whole else None
+    if shard is not None:
+        # After labelling (folder classes are numbered over the whole listing, so every shard agrees)
+        # and before the cache lookup (a node never touches, or counts as cached, another node's keys).
+        listing = listing.subset(np.flatnonzero(shard_mask(listing.keys, shard)))
+        log.info("shard %s: %d of %d listed objects", shard, len(listing), summary.listed)
+    listed_bytes = int(listing.size.sum())
+    if config.max_cache_bytes is not None and listed_bytes > config.max_cache_bytes:
+        raise StorageError(
+            f"{uri} holds {listed_bytes} bytes, more than --max-cache-bytes {config.max_cache_bytes}; "
+            "raise the cap (CACHE_MAX_BYTES=) or fetch less (--limit N)"
+        )
 
     shas = _resolve_cached(listing, layout=layout, endpoint=endpoint, bucket=uri.bucket, verify=config.verify)
     records: list[dict[str, Any] | None] = [None] * len(listing)
@@ -196,6 +236,8 @@ def fetch(config: FetchConfig) -> FetchResult:
         extra["classes"] = list(listing.classes)
     if not summary.complete:
         extra["incomplete"] = summary.missing + summary.failed
+    if shard is not None:
+        extra["shard"] = str(shard)
     path = write_manifest(
         layout,
         endpoint=endpoint,

@@ -12,25 +12,29 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.join import Join
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from cache.atomic import atomic_write_bytes, atomic_writer
 from cache.layout import CacheLayout
+from cache.locks import cache_lock
+from cache.verify import GC_LOCK
 from cache.manifest import ManifestArrays, latest_manifest, list_manifests, load_manifest, read_manifest_header
 from pipeline.model import VAE, VAEConfig
 
@@ -40,6 +44,7 @@ METRIC_COLUMNS = ("epoch", "iteration", "dataloading_time", "training_time", "ba
 SOURCES = ("cache", "s3")
 PACK_MODES = ("auto", "on", "off")
 BAD_SAMPLE_MODES = ("stop", "skip")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,9 +114,12 @@ def pick_device(name: str) -> torch.device:
 
 @dataclass(frozen=True, kw_only=True)
 class Dist:
+    """This process's place in the torchrun job (rank 0 of 1 without torchrun)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1
 
     @property
     def main(self) -> bool:
@@ -124,23 +132,83 @@ def init_distributed(device_name: str) -> Dist:
     if world <= 1:
         return Dist()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, local_world=local_world)
 
 
-def agree(ok: bool, message: str, d: Dist) -> None:
-    """Raise ``message`` on every rank when any rank says not ``ok`` (so no rank waits forever)."""
-    if d.world > 1:
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        dist.all_reduce(flag)
-        if int(flag.item()):
-            raise FileNotFoundError(message if not ok else f"another rank failed: {message}")
-    elif not ok:
-        raise FileNotFoundError(message)
+def _gather(obj: Any, d: Dist) -> list[Any]:
+    """``obj`` of every rank, in rank order (a collective: every rank must call it)."""
+    if d.world == 1:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree(ok: bool, message: str, d: Dist, *, error: type[Exception] = FileNotFoundError) -> None:
+    """Raise on every rank when any rank says not ``ok`` (so no rank waits forever in a collective).
+
+    The failing rank raises its own ``message``; the others raise ``rank R stopped: <R's message>``.
+    """
+    failures = [(r, m) for r, m in enumerate(_gather(None if ok else message, d)) if m is not None]
+    if not failures:
+        return
+    mine = next((m for r, m in failures if r == d.rank), None)
+    r, m = failures[0]
+    raise error(mine if mine is not None else f"rank {r} stopped: {m}")
+
+
+def on_every_rank(fn: Callable[[], T], d: Dist) -> T:
+    """Run ``fn`` on every rank; if it raises on any rank, raise on every rank.
+
+    Without this, a rank that fails before a collective (a missing shard manifest, say) exits while
+    the others block in the collective until torchrun kills them, and only one rank says why. The
+    failing rank re-raises its own exception; the others raise FileNotFoundError or ValueError (the
+    types ``train_vae.py`` reports in one line) naming the failing rank.
+    """
+    if d.world == 1:
+        return fn()
+    try:
+        value, failure = fn(), None
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
+        value, failure = None, e
+    failures = [(r, f) for r, f in enumerate(_gather(None if failure is None else (type(failure).__name__, str(failure)), d))
+                if f is not None]
+    if failure is not None:
+        raise failure
+    if failures:
+        r, (kind, msg) = failures[0]
+        raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(f"rank {r} stopped: {msg}")
+    return value  # type: ignore[return-value]
+
+
+def shutdown_distributed(d: Dist) -> None:
+    """Leave the process group (torch warns at exit about a group never destroyed)."""
+    if d.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of rank ``rank``'s noise (VAE sampling, worker seeds) in ``epoch`` under DDP.
+
+    Distinct per rank (identical noise on every rank would waste the extra ranks) and a function of
+    (seed, epoch, rank) alone, so a resumed DDP run draws exactly the noise of an uninterrupted one.
+    """
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def state_digest(module: nn.Module) -> str:
+    """SHA-256 over the names and bytes of ``module``'s state dict (equal digests: equal parameters)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # -- data ------------------------------------------------------------------------------------------------
@@ -193,17 +261,28 @@ class SampleBatches(Dataset):
 
 class EpochBatchSampler(Sampler[list[int]]):
     """Shuffled batches, reshuffled by ``set_epoch`` from (seed, epoch) alone, so a resumed run sees
-    exactly the batches an uninterrupted run would. Under DDP it splits through ``DistributedSampler``."""
+    exactly the batches an uninterrupted run would.
 
-    def __init__(self, indices: np.ndarray, *, batch: int, seed: int, d: Dist, distributed_split: bool) -> None:
+    Under DDP (``split`` given) the order comes from ``DistributedSampler(num_replicas=replicas,
+    rank=replica)`` over ``indices``: with the full manifest on every rank that is the usual split
+    of one epoch over all ranks; with shard manifests, ``indices`` are the local shard and only the
+    ranks holding the same shard split it. ``num_samples`` (the largest per-rank count, agreed by all
+    ranks) pads shorter ranks by wrapping their own order, as ``DistributedSampler`` itself pads, so
+    every rank takes the same number of steps and no rank waits in an all-reduce that never comes.
+    """
+
+    def __init__(self, indices: np.ndarray, *, batch: int, seed: int, split: tuple[int, int] | None = None,
+                 num_samples: int | None = None) -> None:
         self.indices = indices
         self.batch = batch
         self.seed = seed
         self.epoch = 0
-        self.dist_sampler = (
-            DistributedSampler(range(len(indices)), num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed)
-            if distributed_split and d.world > 1 else None
-        )
+        self.dist_sampler = None
+        if split is not None:
+            replica, replicas = split
+            self.dist_sampler = DistributedSampler(range(len(indices)), num_replicas=replicas, rank=replica,
+                                                   shuffle=True, seed=seed)
+        self.num_samples = num_samples
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -212,16 +291,25 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def _order(self) -> list[int]:
         if self.dist_sampler is not None:
-            return [int(self.indices[i]) for i in self.dist_sampler]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return [int(self.indices[i]) for i in torch.randperm(len(self.indices), generator=g)]
+            order = [int(self.indices[i]) for i in self.dist_sampler]
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = [int(self.indices[i]) for i in torch.randperm(len(self.indices), generator=g)]
+        if self.num_samples is not None and order:
+            # Pad by wrapping (or cut) to the agreed per-rank count.
+            order = (order * (self.num_samples // len(order) + 1))[: self.num_samples]
+        return order
+
+    def _len_samples(self) -> int:
+        if self.num_samples is not None:
+            return self.num_samples
+        return len(self.dist_sampler) if self.dist_sampler is not None else len(self.indices)
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(BatchSampler(self._order(), self.batch, drop_last=False))
 
     def __len__(self) -> int:
-        n = len(self.dist_sampler) if self.dist_sampler is not None else len(self.indices)
-        return (n + self.batch - 1) // self.batch
+        return (self._len_samples() + self.batch - 1) // self.batch
 
 
 @dataclass(kw_only=True)
@@ -235,12 +323,31 @@ class DataSource:
     manifest: ManifestArrays | None = None
     fetch_wall_s: float | None = None
     bad_at_build: int = 0
-    sharded: bool = False
+    shard: str | None = None
     preview: list[int] = field(default_factory=list)
 
 
-def find_manifest(config: TrainConfig) -> Path:
-    """``--manifest``, else the newest manifest of ``--prefix``, else the newest manifest of the cache."""
+def _shard_of_rank(shard: str, d: Dist) -> bool:
+    """Whether shard manifest ``k/M`` belongs to this rank: M divides the world and the ranks are split
+    into M consecutive blocks (torchrun numbers ranks node by node), block ``k`` holding shard ``k``.
+    With M = number of nodes that is "node k's shard"; with M = world size, "rank k's shard"."""
+    from pipeline.shard import parse_shard
+
+    spec = parse_shard(shard, source="manifest shard")
+    return d.world % spec.count == 0 and d.rank // (d.world // spec.count) == spec.index
+
+
+def find_manifest(config: TrainConfig, d: Dist = Dist()) -> Path:
+    """``--manifest``, else the newest manifest of ``--prefix``, else the newest manifest of the cache.
+
+    Under DDP (world > 1) the choice is among the manifests of that (bucket, prefix): a full manifest
+    if the cache has one (every rank then samples it through ``DistributedSampler``), else the newest
+    shard manifest that belongs to this rank (see :func:`_shard_of_rank`).
+
+    Raises:
+        FileNotFoundError: no manifest, or under DDP only other ranks' shards; the message says which
+            ``make fetch`` to run.
+    """
     layout = CacheLayout.at(config.cache_dir)
     if config.manifest:
         return Path(config.manifest)
@@ -254,11 +361,37 @@ def find_manifest(config: TrainConfig) -> Path:
             raise FileNotFoundError(
                 f"no manifest for {uri} in {layout.manifests}; run `make fetch PREFIX={uri}` first"
             )
-        return matches[-1]
-    return latest_manifest(layout)
+        if d.world == 1:
+            return matches[-1]
+    else:
+        newest = latest_manifest(layout)
+        if d.world == 1:
+            return newest
+        top = read_manifest_header(newest)
+        uri = f"s3://{top.bucket}/{top.prefix}"
+        matches = [p for p in list_manifests(layout)
+                   if (h := read_manifest_header(p)).bucket == top.bucket and h.prefix == top.prefix]
+    shards = {p: read_manifest_header(p).extra.get("shard") for p in matches}
+    full = [p for p in matches if not shards[p]]
+    if full:
+        return full[-1]
+    mine = [p for p in matches if _shard_of_rank(shards[p], d)]
+    if mine:
+        return mine[-1]
+    # Suggest the shard count already in use when it fits this job, else one shard per node.
+    from pipeline.shard import parse_shard
+
+    counts = sorted({c for s in shards.values() if d.world % (c := parse_shard(s, source="manifest shard").count) == 0})
+    count = counts[-1] if counts else max(1, d.world // max(1, d.local_world))
+    fix = (f"`make fetch PREFIX={uri} SHARD={d.rank // (d.world // count)}/{count}` on this node" if count > 1
+           else f"`make fetch PREFIX={uri}` (the full prefix)")
+    have = ", ".join(sorted({str(s) for s in shards.values()}))
+    raise FileNotFoundError(
+        f"{layout.manifests} holds only shard(s) {have} of {uri}, none for rank {d.rank} of {d.world}; run {fix}"
+    )
 
 
-def build_source(config: TrainConfig, d: Dist) -> DataSource:
+def build_source(config: TrainConfig, d: Dist, stack: contextlib.ExitStack | None = None) -> DataSource:
     """The training data: the cache (decoded pack or blobs) or S3 streaming (``--source s3``)."""
     skip = config.on_bad_sample == "skip"
     if config.source == "s3":
@@ -267,7 +400,7 @@ def build_source(config: TrainConfig, d: Dist) -> DataSource:
 
         prefix, endpoint = config.prefix, config.endpoint
         if prefix is None:
-            h = read_manifest_header(find_manifest(config))
+            h = read_manifest_header(find_manifest(config, d))
             prefix = f"s3://{h.bucket}/{h.prefix}"
             endpoint = endpoint or (h.endpoint if h.endpoint.startswith("http") else None)
         ds = DSSDataset(prefix, options=ClientOptions(endpoint=resolve_endpoint(endpoint)), client_num=config.clients,
@@ -278,15 +411,20 @@ def build_source(config: TrainConfig, d: Dist) -> DataSource:
 
     from pipeline.datasets import CachedImageDataset
 
-    path = find_manifest(config)
-    agree(path.is_file(), f"manifest {path} not found on rank {d.rank}; run `make fetch` on every node", d)
+    path = find_manifest(config, d)
+    if not path.is_file():
+        # A plain raise: train() runs build_source through on_every_rank, so every rank reports it.
+        raise FileNotFoundError(f"manifest {path} not found on rank {d.rank}; run `make fetch` on every node")
+    if stack is not None:
+        # Held (shared) for the whole run: a cache-cap eviction never deletes blobs under training.
+        stack.enter_context(cache_lock(CacheLayout.at(config.cache_dir or path.parent.parent), GC_LOCK, shared=True))
     manifest = load_manifest(path)
     ds = CachedImageDataset(manifest, cache_dir=config.cache_dir, image_size=config.image_size, check_blobs=True)
     fetch = manifest.header.extra.get("fetch") or {}
     src = DataSource(
         batches=SampleBatches(ds, skip_bad=skip), indices=np.arange(len(ds)), digest=manifest.header.records_sha256,
         description=f"{path.name} ({len(ds)} images)", manifest=manifest, fetch_wall_s=fetch.get("wall_s"),
-        sharded=bool(manifest.header.extra.get("shard")),
+        shard=manifest.header.extra.get("shard"),
     )
     if config.pack in ("auto", "on"):
         from pipeline.packs import load_or_build_pack
@@ -298,6 +436,60 @@ def build_source(config: TrainConfig, d: Dist) -> DataSource:
         src.description += f", decoded pack {pack.path.name}"
     src.preview = [int(i) for i in src.indices[:8]]
     return src
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankPlan:
+    """How the ranks share the data (the same on every rank, from one all-gather).
+
+    Attributes:
+        split: ``(replica, replicas)``: this rank's place among the ranks that hold the same data
+            (all ranks for a full manifest, the ranks of one shard for shard manifests); None without DDP.
+        num_samples: samples per rank per epoch (the largest share of any rank); None without DDP.
+        digest: the data of the whole job: the records digest when every rank holds the same data,
+            else the SHA-256 of the ranks' digests in rank order (what checkpoints are tied to).
+        shards: the shard ``k/N`` of each rank's manifest, empty for a full manifest.
+    """
+
+    split: tuple[int, int] | None
+    num_samples: int | None
+    digest: str
+    shards: list[str] = field(default_factory=list)
+
+
+def plan_ranks(source: DataSource, d: Dist) -> RankPlan:
+    """Agree across ranks on who samples what; raise the same error on every rank when they cannot.
+
+    Full manifest on every rank: one group of ``world`` ranks, i.e. plain ``DistributedSampler``.
+    Shard manifests: each rank samples its node's shard (split among that node's ranks), so a rank
+    never reads a blob another node holds. Shards differ in size by a few per cent (hash split), so
+    every rank is padded to the largest share: each epoch all ranks take the same number of steps.
+
+    Raises:
+        ValueError: a rank has no usable samples, or some ranks use a full manifest and others shards.
+    """
+    info = _gather({"digest": source.digest, "shard": source.shard, "n": len(source.indices),
+                    "data": source.description}, d)
+    empty = [r for r, i in enumerate(info) if i["n"] == 0]
+    if empty:
+        r = empty[0]
+        where = f" on rank {r}" if d.world > 1 else ""
+        raise ValueError(f"no usable samples in {info[r]['data']}{where}; run `make fetch` again (or `python -m pipeline verify --repair`)")
+    if d.world == 1:
+        return RankPlan(split=None, num_samples=None, digest=source.digest, shards=[source.shard] if source.shard else [])
+    kinds = {bool(i["shard"]) for i in info}
+    if len(kinds) > 1:
+        which = ", ".join(f"rank {r}: {i['shard'] or 'full'}" for r, i in enumerate(info))
+        raise ValueError(f"ranks mix full and shard manifests ({which}); fetch the same way on every node or pass --manifest")
+    groups: dict[str, list[int]] = {}
+    for r, i in enumerate(info):
+        groups.setdefault(i["digest"], []).append(r)
+    members = groups[source.digest]
+    num_samples = max(math.ceil(i["n"] / len(groups[i["digest"]])) for i in info)
+    digests = [i["digest"] for i in info]
+    digest = digests[0] if len(groups) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    return RankPlan(split=(members.index(d.rank), len(members)), num_samples=num_samples, digest=digest,
+                    shards=[i["shard"] for i in info if i["shard"]])
 
 
 # -- outputs ---------------------------------------------------------------------------------------------
@@ -361,32 +553,50 @@ class _LossModule(nn.Module):
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train the VAE as configured; return the summary (also written to ``OUT/summary.json``)."""
+    with contextlib.ExitStack() as stack:
+        return _train(config, stack)
+
+
+def _train(config: TrainConfig, stack: contextlib.ExitStack) -> dict[str, Any]:
     d = init_distributed(config.device)
+    stack.callback(shutdown_distributed, d)
     device = pick_device(config.device if d.world == 1 or config.device != "auto" or not torch.cuda.is_available()
                          else f"cuda:{d.local_rank}")
+    if d.world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", d.local_rank)  # DDP needs the concrete device of this rank
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    source = build_source(config, d)
-    agree(len(source.indices) > 0, f"no usable samples in {source.description}", d)
+    source = on_every_rank(lambda: build_source(config, d, stack), d)
+    plan = plan_ranks(source, d)
 
     vae = VAE(VAEConfig(image_size=config.image_size, latent_dim=config.latent_dim, beta=config.beta)).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
     start_epoch = 0
     ckpt_path = out / "checkpoint.pt"
-    if config.resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["manifest_digest"] != source.digest and not config.force_resume:
+    ckpt = None
+    if config.resume and d.main and ckpt_path.is_file():
+        # map_location cpu: load_state_dict copies to the device, and the object may travel to other ranks.
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if config.resume and d.world > 1:
+        # Only rank 0's OUT is sure to hold the checkpoint (other nodes may not share it); every rank
+        # must resume from the same state and epoch, or the ranks would train different step counts.
+        box = [ckpt]
+        dist.broadcast_object_list(box, src=0)
+        ckpt = box[0]
+    if ckpt is not None:
+        if ckpt["manifest_digest"] != plan.digest and not config.force_resume:
             raise ValueError(
                 f"{ckpt_path} was trained on data {ckpt['manifest_digest'][:16]}..., this run uses "
-                f"{source.digest[:16]}... ({source.description}); pass --force-resume to continue anyway or use another --out"
+                f"{plan.digest[:16]}... ({source.description}); pass --force-resume to continue anyway or use another --out"
             )
         vae.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch = int(ckpt["epoch"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        if d.world == 1:  # under DDP the noise is reseeded per (epoch, rank) instead
+            torch.set_rng_state(ckpt["rng_cpu"])
+            if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
     elif config.resume and d.main:
         print(f"--resume: no checkpoint in {out}, starting from scratch")
 
@@ -394,8 +604,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    sampler = EpochBatchSampler(source.indices, batch=config.batch, seed=config.seed, d=d,
-                                distributed_split=not source.sharded)
+    sampler = EpochBatchSampler(source.indices, batch=config.batch, seed=config.seed, split=plan.split,
+                                num_samples=plan.num_samples)
     loader = DataLoader(
         source.batches,
         sampler=sampler,
@@ -420,6 +630,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
+        if d.world > 1:
+            torch.manual_seed(rank_seed(config.seed, epoch, d.rank))
         model.train()
         t_epoch = time.perf_counter()
         new_rows: list[dict[str, Any]] = []
@@ -428,6 +640,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         it = iter(loader)
         epoch_images = 0
         epoch_wait = 0.0
+        # With --on-bad-sample skip a rank may drop a whole batch and take one step fewer; Join lets
+        # the ranks that run out first shadow the others' all-reduces instead of hanging.
+        uneven = Join([model]) if d.world > 1 and config.on_bad_sample == "skip" else contextlib.nullcontext()
+        uneven.__enter__()
         while True:
             t0 = time.perf_counter()
             try:
@@ -462,6 +678,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{loss:.1f}", img_s=f"{epoch_images / max(elapsed, 1e-9):.0f}",
                             wait=f"{100 * epoch_wait / max(elapsed, 1e-9):.1f}%", refresh=False)
             bar.update(1)
+        uneven.__exit__(None, None, None)
         bar.close()
         epoch_times.append(time.perf_counter() - t_epoch)
         rows.extend(new_rows)
@@ -470,7 +687,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if d.main:
             save_checkpoint(ckpt_path, {
                 "model": vae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                "config": asdict(config), "vae_config": vae.config.to_dict(), "manifest_digest": source.digest,
+                "config": asdict(config), "vae_config": vae.config.to_dict(), "manifest_digest": plan.digest,
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             })
@@ -482,6 +699,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if d.world > 1:
         dist.all_reduce(totals)
         dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+    param_digests = _gather(state_digest(vae), d)
+    images_by_rank = _gather(images, d)
+    if len(set(param_digests)) > 1:
+        log.warning("parameters differ between ranks after training: %s", param_digests)
     losses = [float(r["loss"]) for r in rows]
     last_epoch = [float(r["loss"]) for r in rows if int(r["epoch"]) == config.epochs - 1]
     first50 = float(np.mean(losses[:50])) if losses else float("nan")
@@ -490,10 +711,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "world_size": d.world,
         "source": config.source,
         "data": source.description,
-        "data_digest": source.digest,
+        "data_digest": plan.digest,
+        "data_shards": plan.shards,
         "epochs_run": len(epoch_times),
         "iterations": iteration,
         "images": int(totals[0]),
+        "images_by_rank": images_by_rank,
         "images_per_s": float(totals[0]) / max(float(wall[0]), 1e-9),
         "epoch_times_s": [round(t, 3) for t in epoch_times],
         "training_cost_s": round(float(wall[0]), 3),
@@ -502,6 +725,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "loss_first50_mean": first50,
         "loss_last_epoch_mean": float(np.mean(last_epoch)) if last_epoch else float("nan"),
         "bad_samples_skipped": int(totals[1]) + source.bad_at_build,
+        "param_sha256": param_digests[0],
+        "param_sha256_by_rank": param_digests,
+        "params_identical": len(set(param_digests)) == 1,
         "config": asdict(config),
     }
     summary["loss_ratio"] = summary["loss_last_epoch_mean"] / first50 if losses else float("nan")
@@ -526,5 +752,10 @@ def report(summary: dict[str, Any], out: str) -> str:
         lines.append(f"  network cost (fetch wall time) {summary['network_cost_s']:.1f} s vs training cost {summary['training_cost_s']:.1f} s")
     if summary["bad_samples_skipped"]:
         lines.append(f"  skipped {summary['bad_samples_skipped']} bad samples")
+    if summary["world_size"] > 1:
+        shards = f"shards {', '.join(summary['data_shards'])}" if summary["data_shards"] else "full manifest on every rank"
+        same = "identical" if summary["params_identical"] else "DIFFERENT (see summary.json param_sha256_by_rank)"
+        lines.append(f"  DDP: {summary['world_size']} ranks ({shards}); images per rank {summary['images_by_rank']}; "
+                     f"parameters {same} on all ranks; metrics.rank<R>.csv per rank")
     lines.append(f"  outputs: {out}/metrics.csv checkpoint.pt reconstructions.png samples.png loss.png summary.json")
     return "\n".join(lines)

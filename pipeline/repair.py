@@ -1,0 +1,89 @@
+"""``verify --repair``: fetch again the blobs that verification found missing or corrupted.
+
+Each manifest says where its objects came from (endpoint, bucket); the objects are downloaded through
+the same mirroring code as ``fetch`` and accepted only if they hash to the digest the manifest pinned.
+An object that changed on the server since then cannot repair that manifest: a new fetch is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cache.layout import CacheLayout
+from cache.manifest import StringArray, load_manifest
+from cache.verify import Problem
+from pipeline.config import ClientOptions
+from pipeline.datasets import DSSDataset
+from pipeline.listing import Listing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class RepairReport:
+    repaired: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _endpoint_for(header_endpoint: str, override: str | None, demo_count: int) -> Iterator[str | None]:
+    """The URL to GET from: ``--endpoint``, the manifest's URL, AWS, or a fresh embedded demo server."""
+    if override:
+        yield override
+    elif header_endpoint.startswith(("http://", "https://")):
+        yield header_endpoint
+    elif header_endpoint == "embedded-demo":
+        # The demo set is generated deterministically, so a new embedded server serves the same bytes.
+        from pipeline.server import embedded_server
+
+        with embedded_server(demo=demo_count) as url:
+            yield url
+    else:
+        yield None  # "aws"
+
+
+def repair(layout: CacheLayout, problems: list[Problem], *, options: ClientOptions, endpoint: str | None = None) -> RepairReport:
+    """Download every problem blob again; a blob is repaired only if it hashes to the pinned digest."""
+    report = RepairReport()
+    by_manifest: dict[Path, list[Problem]] = defaultdict(list)
+    for p in problems:
+        by_manifest[p.manifest].append(p)
+    done: set[str] = set()
+    for path, probs in by_manifest.items():
+        m = load_manifest(path)
+        h = m.header
+        probs = [p for p in probs if p.sha256 not in done]
+        if not probs:
+            continue
+        idx = np.array([p.index for p in probs], dtype=np.int64)
+        listing = Listing(
+            prefix=h.prefix,
+            keys=StringArray.from_strings([m.keys[int(i)] for i in idx]),
+            etags=StringArray.from_strings([m.etags[int(i)] for i in idx]),
+            last_modified=StringArray.from_strings([""] * len(idx)),
+            size=m.size[idx],
+            label=m.label[idx],
+        )
+        demo_count = int((h.extra.get("fetch") or {}).get("listed", h.count))
+        with _endpoint_for(h.endpoint, endpoint, demo_count) as url:
+            opts = ClientOptions(**{**options.__dict__, "endpoint": url})
+            ds = DSSDataset(f"s3://{h.bucket}/{h.prefix}", options=opts, load2memory=False, cache_dir=layout.root,
+                            listing=listing, endpoint_label=h.endpoint)
+            records = ds.__getitems__(list(range(len(idx))))
+        for prob, rec in zip(probs, records):
+            uri = f"s3://{h.bucket}/{prob.key}"
+            if rec["status"] == "fetched" and rec["sha256"] == prob.sha256:
+                report.repaired += 1
+                done.add(prob.sha256)
+            elif rec["status"] == "fetched":
+                report.failed.append(f"{uri} changed on the server since {path.name} was written; run `make fetch` for a new manifest")
+            else:
+                report.failed.append(rec["error"])
+    return report
