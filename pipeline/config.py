@@ -95,7 +95,8 @@ class ClientOptions:
     retry_mode: str = "standard"
     max_attempts: int = 4
     connect_timeout: float = 3.0
-    read_timeout: float = 20.0
+    # Bounds the silence between bytes, not the length of a download.
+    read_timeout: float = 10.0
     region: str | None = None
 
     def __post_init__(self) -> None:

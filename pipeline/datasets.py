@@ -156,6 +156,13 @@ class DSSDataset(Dataset):
     def __len__(self) -> int:
         return len(self.listing)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned workers get the listing and options only; clients, the blob store and the key
+        # index are rebuilt lazily in each process (they hold sockets and SQLite handles).
+        state = self.__dict__.copy()
+        state.update(_store=None, _index=None, _store_pid=-1)
+        return state
+
     def _client_index(self, slot: int) -> int:
         info = get_worker_info()
         if info is not None:

@@ -154,6 +154,10 @@ def list_objects(uri: S3Uri, options: ClientOptions, *, limit: int | None = None
                     return
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         msg = describe_error(e, uri=str(uri), options=options)
+        if msg is None and isinstance(e, botocore.exceptions.ReadTimeoutError):
+            where = redact_url(options.endpoint) if options.endpoint else "AWS S3"
+            msg = (f"the S3 endpoint {where} accepted connections but did not answer within {options.read_timeout:g} s "
+                   f"({options.max_attempts} attempts); check ENDPOINT and the server's health")
         raise StorageError(msg or f"listing {uri} failed: {type(e).__name__}: {e}") from None
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from cache import CacheLayout, load_manifest, read_key_list
 from cache.blobs import hash_file
 from pipeline.datasets import DSSDataset
-from pipeline.fetch import FetchConfig, fetch
+from pipeline.fetch import FetchConfig, _keep_list, fetch
 from pipeline.listing import assign_labels, label_from_name
 from pipeline.s3 import list_objects
 from pipeline.server import seed_objects
@@ -177,3 +177,21 @@ def test_load2memory_returns_decoded_tensors_with_labels(put, bucket, options):
     assert torch.cat(xs).shape == (12, 3, 8, 8)
     resized = DSSDataset(f"s3://{bucket}/mem/", options=options, image_size=32)
     assert resized[0][0].shape == (3, 32, 32)
+
+
+def test_dataset_pickles_without_clients_and_spawn_workers_fetch(put, bucket, options, cache_dir):
+    import pickle
+
+    from pipeline.s3 import get_client
+
+    for i in range(8):
+        put(f"sp/k{i}_1.png", png_bytes(i))
+    ds = DSSDataset(f"s3://{bucket}/sp/", options=options, load2memory=False, cache_dir=cache_dir)
+    get_client(options)  # a client exists in this process...
+    ds[0]  # ...and the dataset has used its store and index
+    blob = pickle.dumps(ds)
+    assert b"botocore" not in blob and b"diskcache" not in blob
+    loader = DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="spawn", collate_fn=_keep_list)
+    records = [r for batch in loader for r in batch]
+    assert [r["status"] for r in records] == ["fetched"] * 8
+    assert {r["worker"] for r in records} == {0, 1}

@@ -52,6 +52,21 @@ def test_unreachable_endpoint_gives_up_quickly(precious, cache_dir):
     _one_line_error(proc, "cannot reach the S3 endpoint http://127.0.0.1:")
 
 
+def test_silent_endpoint_gives_up_after_bounded_retries(precious, cache_dir):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (kernel backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        t0 = time.monotonic()
+        proc = run_cli("fetch", "s3://bkt/p/", "--endpoint", f"http://127.0.0.1:{silent.getsockname()[1]}",
+                       "--read-timeout", "2", "--max-attempts", "3", "--cache-dir", str(cache_dir), "--no-progress")
+        elapsed = time.monotonic() - t0
+    # 3 attempts x 2 s, botocore's jittered backoff (at most 1 + 2 s), and process start-up.
+    assert elapsed < 3 * 2 + 3 + 10, elapsed
+    _one_line_error(proc, "accepted connections but did not answer within 2 s (3 attempts)")
+
+
 def test_wrong_credentials_are_a_clear_403(precious, cache_dir):
     with server_process(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as endpoint:
         proc = run_cli("fetch", "s3://bkt/p/", "--endpoint", endpoint, "--cache-dir", str(cache_dir), "--no-progress")
