@@ -5,7 +5,11 @@ gradients just before ``step()``, so it never learned). Every iteration is timed
 code did it: ``dataloading_time`` (waiting for the batch and moving it to the device), ``training_time``
 (forward, backward, step) and their sum ``batch_time``; they go to ``metrics.csv`` one row per
 iteration. Under torchrun (``WORLD_SIZE`` > 1) the model is wrapped in DDP; only rank 0 prints,
-draws and checkpoints.
+draws and checkpoints; each rank writes its own metrics CSV (``metrics.csv`` for rank 0,
+``metrics.rank<R>.csv`` for the others). A full manifest is split over all ranks by
+``DistributedSampler``; shard manifests (``fetch --shard``) are sampled locally by the ranks of the node
+that holds them (:func:`plan_ranks`). Failures before training starts are raised on every rank
+(:func:`on_every_rank`), so no rank waits forever in a collective.
 """
 
 from __future__ import annotations
@@ -148,19 +152,6 @@ def _gather(obj: Any, d: Dist) -> list[Any]:
     out: list[Any] = [None] * d.world
     dist.all_gather_object(out, obj)
     return out
-
-
-def agree(ok: bool, message: str, d: Dist, *, error: type[Exception] = FileNotFoundError) -> None:
-    """Raise on every rank when any rank says not ``ok`` (so no rank waits forever in a collective).
-
-    The failing rank raises its own ``message``; the others raise ``rank R stopped: <R's message>``.
-    """
-    failures = [(r, m) for r, m in enumerate(_gather(None if ok else message, d)) if m is not None]
-    if not failures:
-        return
-    mine = next((m for r, m in failures if r == d.rank), None)
-    r, m = failures[0]
-    raise error(mine if mine is not None else f"rank {r} stopped: {m}")
 
 
 def on_every_rank(fn: Callable[[], T], d: Dist) -> T:
@@ -342,7 +333,8 @@ def find_manifest(config: TrainConfig, d: Dist = Dist()) -> Path:
 
     Under DDP (world > 1) the choice is among the manifests of that (bucket, prefix): a full manifest
     if the cache has one (every rank then samples it through ``DistributedSampler``), else the newest
-    shard manifest that belongs to this rank (see :func:`_shard_of_rank`).
+    shard manifest that belongs to this rank (see :func:`_shard_of_rank`), else the only shard the
+    cache holds (a node-local cache; :func:`plan_ranks` checks that the ranks cover every shard).
 
     Raises:
         FileNotFoundError: no manifest, or under DDP only other ranks' shards; the message says which
@@ -378,7 +370,12 @@ def find_manifest(config: TrainConfig, d: Dist = Dist()) -> Path:
     mine = [p for p in matches if _shard_of_rank(shards[p], d)]
     if mine:
         return mine[-1]
-    # Suggest the shard count already in use when it fits this job, else one shard per node.
+    if len(set(shards.values())) == 1:
+        # A node-local cache holds its own node's shard only, and torchrun's c10d rendezvous numbers the
+        # nodes in the order they join, so node k's ranks need not be block k: use the shard the node
+        # has. plan_ranks then checks that the ranks together hold every shard.
+        return matches[-1]
+    # Several shards here, none this rank's by position: suggest the shard count in use when it fits.
     from pipeline.shard import parse_shard
 
     counts = sorted({c for s in shards.values() if d.world % (c := parse_shard(s, source="manifest shard").count) == 0})
@@ -387,7 +384,7 @@ def find_manifest(config: TrainConfig, d: Dist = Dist()) -> Path:
            else f"`make fetch PREFIX={uri}` (the full prefix)")
     have = ", ".join(sorted({str(s) for s in shards.values()}))
     raise FileNotFoundError(
-        f"{layout.manifests} holds only shard(s) {have} of {uri}, none for rank {d.rank} of {d.world}; run {fix}"
+        f"{layout.manifests} holds shards {have} of {uri}, none for rank {d.rank} of {d.world}; run {fix} or pass --manifest"
     )
 
 
@@ -438,6 +435,26 @@ def build_source(config: TrainConfig, d: Dist, stack: contextlib.ExitStack | Non
     return src
 
 
+def _check_shard_cover(info: list[dict[str, Any]]) -> None:
+    """Every shard ``0..N-1`` of one count ``N`` is held by some rank (else its keys are never trained on)."""
+    from pipeline.shard import parse_shard
+
+    by_shard: dict[str, list[int]] = {}
+    for r, i in enumerate(info):
+        by_shard.setdefault(i["shard"], []).append(r)
+    which = "; ".join(f"{s} on rank(s) {', '.join(map(str, rs))}" for s, rs in sorted(by_shard.items()))
+    counts = {parse_shard(s, source="manifest shard").count for s in by_shard}
+    if len(counts) > 1:
+        raise ValueError(f"ranks hold shards of different counts ({which}); fetch every node with the same N in SHARD=k/N")
+    count = counts.pop()
+    held = {parse_shard(s, source="manifest shard").index for s in by_shard}
+    missing = [k for k in range(count) if k not in held]
+    if missing:
+        k = missing[0]
+        raise ValueError(f"no rank holds shard {k}/{count} of {info[0]['uri']} ({which}); "
+                         f"run `make fetch PREFIX={info[0]['uri']} SHARD={k}/{count}` on the node that lacks it")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RankPlan:
     """How the ranks share the data (the same on every rank, from one all-gather).
@@ -466,10 +483,12 @@ def plan_ranks(source: DataSource, d: Dist) -> RankPlan:
     every rank is padded to the largest share: each epoch all ranks take the same number of steps.
 
     Raises:
-        ValueError: a rank has no usable samples, or some ranks use a full manifest and others shards.
+        ValueError: a rank has no usable samples, some ranks use a full manifest and others shards,
+            or the ranks' shards do not cover every shard ``0..N-1`` of one ``N``.
     """
+    h = source.manifest.header if source.manifest is not None else None
     info = _gather({"digest": source.digest, "shard": source.shard, "n": len(source.indices),
-                    "data": source.description}, d)
+                    "data": source.description, "uri": f"s3://{h.bucket}/{h.prefix}" if h else ""}, d)
     empty = [r for r, i in enumerate(info) if i["n"] == 0]
     if empty:
         r = empty[0]
@@ -481,6 +500,8 @@ def plan_ranks(source: DataSource, d: Dist) -> RankPlan:
     if len(kinds) > 1:
         which = ", ".join(f"rank {r}: {i['shard'] or 'full'}" for r, i in enumerate(info))
         raise ValueError(f"ranks mix full and shard manifests ({which}); fetch the same way on every node or pass --manifest")
+    if kinds == {True}:
+        _check_shard_cover(info)
     groups: dict[str, list[int]] = {}
     for r, i in enumerate(info):
         groups.setdefault(i["digest"], []).append(r)
@@ -643,42 +664,41 @@ def _train(config: TrainConfig, stack: contextlib.ExitStack) -> dict[str, Any]:
         # With --on-bad-sample skip a rank may drop a whole batch and take one step fewer; Join lets
         # the ranks that run out first shadow the others' all-reduces instead of hanging.
         uneven = Join([model]) if d.world > 1 and config.on_bad_sample == "skip" else contextlib.nullcontext()
-        uneven.__enter__()
-        while True:
-            t0 = time.perf_counter()
-            try:
-                x, _, n_bad = next(it)
-            except StopIteration:
-                break
-            bad += int(n_bad)
-            if len(x) == 0:
-                continue
-            x = x.to(device, non_blocking=True)
-            t1 = time.perf_counter()
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                parts = model(x)
-            parts.total.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = float(parts.total.item())
-            t2 = time.perf_counter()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at iteration {iteration}; lower --lr or --beta")
-            row = {"epoch": epoch, "iteration": iteration, "dataloading_time": f"{t1 - t0:.6f}",
-                   "training_time": f"{t2 - t1:.6f}", "batch_time": f"{t2 - t0:.6f}", "loss": f"{loss:.6f}",
-                   "recon": f"{parts.recon.item():.6f}", "kl": f"{parts.kl.item():.6f}"}
-            new_rows.append(row)
-            iteration += 1
-            images += len(x)
-            epoch_images += len(x)
-            epoch_wait += t1 - t0
-            sums["dataloading_time"] += t1 - t0
-            sums["batch_time"] += t2 - t0
-            elapsed = time.perf_counter() - t_epoch
-            bar.set_postfix(loss=f"{loss:.1f}", img_s=f"{epoch_images / max(elapsed, 1e-9):.0f}",
-                            wait=f"{100 * epoch_wait / max(elapsed, 1e-9):.1f}%", refresh=False)
-            bar.update(1)
-        uneven.__exit__(None, None, None)
+        with uneven:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    x, _, n_bad = next(it)
+                except StopIteration:
+                    break
+                bad += int(n_bad)
+                if len(x) == 0:
+                    continue
+                x = x.to(device, non_blocking=True)
+                t1 = time.perf_counter()
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    parts = model(x)
+                parts.total.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss = float(parts.total.item())
+                t2 = time.perf_counter()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at iteration {iteration}; lower --lr or --beta")
+                row = {"epoch": epoch, "iteration": iteration, "dataloading_time": f"{t1 - t0:.6f}",
+                       "training_time": f"{t2 - t1:.6f}", "batch_time": f"{t2 - t0:.6f}", "loss": f"{loss:.6f}",
+                       "recon": f"{parts.recon.item():.6f}", "kl": f"{parts.kl.item():.6f}"}
+                new_rows.append(row)
+                iteration += 1
+                images += len(x)
+                epoch_images += len(x)
+                epoch_wait += t1 - t0
+                sums["dataloading_time"] += t1 - t0
+                sums["batch_time"] += t2 - t0
+                elapsed = time.perf_counter() - t_epoch
+                bar.set_postfix(loss=f"{loss:.1f}", img_s=f"{epoch_images / max(elapsed, 1e-9):.0f}",
+                                wait=f"{100 * epoch_wait / max(elapsed, 1e-9):.1f}%", refresh=False)
+                bar.update(1)
         bar.close()
         epoch_times.append(time.perf_counter() - t_epoch)
         rows.extend(new_rows)
