@@ -35,6 +35,7 @@ from cache.layout import CacheLayout
 from cache.manifest import ManifestArrays, load_manifest
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.listing import Listing
+from pipeline.objectget import RetryableHTTPError, open_object
 from pipeline.s3 import StorageError, describe_error, get_client, is_missing, list_objects, retry_call
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 # Errors after which a fresh GET of the whole object may succeed.
 _TRANSIENT = (
     BlobWriteError,
+    RetryableHTTPError,
     botocore.exceptions.IncompleteReadError,
     botocore.exceptions.ResponseStreamingError,
     botocore.exceptions.ReadTimeoutError,
@@ -192,18 +194,20 @@ class DSSDataset(Dataset):
         key = self.listing.keys[i]
 
         def once() -> bytes:
-            resp = client.get_object(Bucket=self.uri.bucket, Key=key)
-            data = resp["Body"].read()
-            # botocore checks the length; the MD5 ETag catches bytes damaged on the way, which would
-            # otherwise fail to decode or, worse, decode into wrong pixels without a word.
-            md5 = md5_from_etag(resp.get("ETag"))
+            body = open_object(self.options, client, client_index, self.uri.bucket, key)
+            data = body.read()
+            if body.content_length >= 0 and len(data) != body.content_length:
+                raise BlobWriteError(f"{self._uri(i)}: got {len(data)} bytes, Content-Length said {body.content_length}")
+            # The MD5 ETag catches bytes damaged on the way, which would otherwise fail to decode or,
+            # worse, decode into wrong pixels without a word.
+            md5 = md5_from_etag(body.etag)
             if md5 is not None and hashlib.md5(data).hexdigest() != md5:
                 raise BlobWriteError(f"{self._uri(i)}: MD5 {hashlib.md5(data).hexdigest()} does not match ETag {md5}")
             return data
 
         try:
             return retry_call(once, attempts=self.options.max_attempts, is_permanent=lambda e: not isinstance(e, _TRANSIENT))
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, BlobWriteError) as e:
+        except _TRANSIENT + (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             raise StorageError(describe_error(e, uri=self._uri(i), options=self.options) or f"GET {self._uri(i)} failed: {e}") from None
 
     def _decode(self, i: int, data: bytes) -> tuple[torch.Tensor, int]:
@@ -272,18 +276,16 @@ class DSSDataset(Dataset):
             nonlocal attempts
             attempts += 1
             try:
-                resp = client.get_object(Bucket=self.uri.bucket, Key=key)
+                body = open_object(self.options, client, client_index, self.uri.bucket, key)
             except botocore.exceptions.ClientError as e:
-                # botocore retried 5xx/throttling inside this call before giving up; count those too.
+                # On the boto3 path (adaptive mode) botocore retried inside this call; count those too.
                 attempts += _botocore_retries(e.response)
                 raise
-            # Resets, timeouts and 5xx answers botocore retried inside this successful call.
-            attempts += _botocore_retries(resp)
-            length = int(resp["ContentLength"])
-            etag = resp.get("ETag", "")
+            attempts += body.retries
+            length, etag = body.content_length, body.etag
             writer = store.writer(expected_size=length, etag=etag, label=uri)
             try:
-                for chunk in resp["Body"].iter_chunks(1 << 20):
+                for chunk in body.iter_chunks():
                     writer.write(chunk)
             except BaseException:
                 writer.abort()

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cache.atomic import remove_stale_temp_files
-from cache.blobs import BlobStore, hash_file
+from cache.blobs import hash_file
 from cache.index import KeyIndex
 from cache.gc import EvictionReport, enforce_cap
 from cache.layout import CacheLayout
@@ -29,7 +28,6 @@ from cache.locks import cache_lock
 from cache.manifest import ManifestRecord, write_manifest
 from cache.verify import GC_LOCK
 from pipeline.config import ClientOptions, S3Uri
-from pipeline.datasets import DSSDataset
 from pipeline.listing import Listing
 from pipeline.s3 import StorageError, list_objects
 from pipeline.shard import ShardSpec, shard_mask
@@ -196,7 +194,9 @@ def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, t0: floa
     endpoint = config.endpoint_label or options.endpoint_label
     summary = FetchSummary()
 
-    listing = Listing.from_objects(list_objects(uri, options, limit=config.limit), prefix=uri.prefix)
+    list_stats: dict[str, int] = {}
+    listing = Listing.from_objects(list_objects(uri, options, limit=config.limit, stats=list_stats), prefix=uri.prefix)
+    summary.retries += list_stats.get("retries", 0)
     summary.list_s = time.perf_counter() - t0
     summary.listed = len(listing)
     if len(listing) == 0:
@@ -256,6 +256,12 @@ def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, t0: floa
 def _mirror(config: FetchConfig, uri: S3Uri, listing: Listing, todo: np.ndarray, records: list[dict[str, Any] | None],
             summary: FetchSummary, *, layout: CacheLayout, endpoint: str) -> None:
     """Download the objects ``todo`` through a DataLoader over ``DSSDataset(load2memory=False)``."""
+    # torch is imported only when there is something to download: a no-op re-fetch and every error
+    # found while listing stay fast (importing torch costs seconds of CPU).
+    from torch.utils.data import DataLoader
+
+    from pipeline.datasets import DSSDataset
+
     sub = listing.subset(todo)
     dataset = DSSDataset(str(uri), options=config.options, client_num=config.clients, load2memory=False,
                          cache_dir=layout.root, listing=sub, endpoint_label=endpoint)

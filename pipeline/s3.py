@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import boto3
 import botocore.exceptions
+import urllib3.exceptions
 from botocore.config import Config
 
 from pipeline.config import ClientOptions, S3Uri, redact_url
@@ -117,7 +118,8 @@ def describe_error(exc: BaseException, *, uri: str, options: ClientOptions) -> s
         return f"{uri}: forbidden (403) at {where}; check the credentials and the bucket policy"
     if code in ("301", "PermanentRedirect", "AuthorizationHeaderMalformed"):
         return f"{uri}: the bucket is in another region ({code}); set AWS_REGION or AWS_DEFAULT_REGION"
-    if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
+    if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
+                        urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)):
         return f"cannot reach the S3 endpoint {where}; check ENDPOINT / AWS_ENDPOINT_URL and that the server is up"
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
@@ -132,8 +134,11 @@ def _iso(ts: Any) -> str:
     return str(ts)
 
 
-def list_objects(uri: S3Uri, options: ClientOptions, *, limit: int | None = None) -> Iterator[ObjectInfo]:
+def list_objects(uri: S3Uri, options: ClientOptions, *, limit: int | None = None,
+                 stats: dict[str, int] | None = None) -> Iterator[ObjectInfo]:
     """Yield the objects under ``uri`` in listing order, skipping zero-byte folder markers.
+
+    ``stats``, when given, receives ``pages`` and ``retries`` (botocore's retries of LIST requests).
 
     Raises:
         StorageError: for access, bucket and endpoint problems, with the fix in the message.
@@ -143,6 +148,9 @@ def list_objects(uri: S3Uri, options: ClientOptions, *, limit: int | None = None
     n = 0
     try:
         for page in paginator.paginate(Bucket=uri.bucket, Prefix=uri.prefix, PaginationConfig={"PageSize": 1000}):
+            if stats is not None:
+                stats["pages"] = stats.get("pages", 0) + 1
+                stats["retries"] = stats.get("retries", 0) + int(page.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
             for obj in page.get("Contents", ()):
                 key = obj["Key"]
                 size = int(obj["Size"])
