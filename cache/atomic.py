@@ -71,6 +71,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    # A killed process whose parent died too can linger as a zombie (where nothing reaps orphans);
+    # it will never finish its temp file.
+    with contextlib.suppress(OSError, IndexError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
     return True
 
 

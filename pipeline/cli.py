@@ -7,7 +7,6 @@ Every failure the user can fix ends in one line on stderr (``tess: error: ...``)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import logging
 import os
@@ -124,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from pipeline.fetch import FetchConfig, fetch
     from pipeline.shard import resolve_shard
 
     # Resolved before any server starts, so a bad SHARD or NODE_RANK/NNODES fails at once.

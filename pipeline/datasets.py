@@ -15,7 +15,6 @@ import io
 import logging
 import os
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,7 +35,7 @@ from cache.manifest import ManifestArrays, load_manifest
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.listing import Listing
 from pipeline.objectget import RetryableHTTPError, open_object
-from pipeline.s3 import StorageError, describe_error, get_client, is_missing, list_objects, retry_call
+from pipeline.s3 import PerProcess, StorageError, describe_error, get_client, is_missing, list_objects, retry_call
 
 log = logging.getLogger(__name__)
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -102,21 +101,12 @@ class _DefaultTransform:
         return to_float(image, image_size=self.image_size)
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
+_pools: PerProcess[ThreadPoolExecutor] = PerProcess()
 
 
 def _thread_pool(size: int) -> ThreadPoolExecutor:
-    """One thread pool per process (pools, like clients, must not cross a fork)."""
-    pid = os.getpid()
-    pool = _pools.get(pid)
-    if pool is None:
-        with _pools_lock:
-            pool = _pools.get(pid)
-            if pool is None:
-                _pools.clear()
-                pool = _pools[pid] = ThreadPoolExecutor(max_workers=size, thread_name_prefix="tess-get")
-    return pool
+    """The fetch thread pool of this process (pools, like clients, must not cross a fork)."""
+    return _pools.get("get", lambda: ThreadPoolExecutor(max_workers=size, thread_name_prefix="tess-get"))
 
 
 class DSSDataset(Dataset):

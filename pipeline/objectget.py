@@ -11,9 +11,7 @@ botocore's retry handler implements) the boto3 path is used instead.
 
 from __future__ import annotations
 
-import os
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +23,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 
 from pipeline.config import ClientOptions
+from pipeline.s3 import PerProcess
 
 CHUNK = 1 << 20
 _CODE_RE = re.compile(rb"<Code>([^<]{1,128})</Code>")
@@ -117,8 +116,7 @@ class DirectGetter:
                           _chunks=resp.stream(CHUNK), _release=resp.release_conn)
 
 
-_getters: dict[tuple[int, ClientOptions, int], DirectGetter] = {}
-_lock = threading.Lock()
+_getters: PerProcess[DirectGetter] = PerProcess()
 
 
 def open_object(options: ClientOptions, client: Any, index: int, bucket: str, key: str) -> ObjectBody:
@@ -129,13 +127,5 @@ def open_object(options: ClientOptions, client: Any, index: int, bucket: str, ke
         return ObjectBody(content_length=int(resp["ContentLength"]), etag=resp.get("ETag", ""),
                           _chunks=body.iter_chunks(CHUNK), _release=body.close,
                           retries=int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0))
-    ident = (os.getpid(), options, index)
-    getter = _getters.get(ident)
-    if getter is None:
-        with _lock:
-            getter = _getters.get(ident)
-            if getter is None:
-                for stale in [k for k in _getters if k[0] != ident[0]]:
-                    del _getters[stale]
-                getter = _getters[ident] = DirectGetter(options, client)
+    getter = _getters.get((options, index), lambda: DirectGetter(options, client))
     return getter.open(bucket, key)

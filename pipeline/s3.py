@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import boto3
 import botocore.exceptions
@@ -52,10 +52,6 @@ class ObjectInfo:
     last_modified: str
 
 
-_clients: dict[tuple[int, ClientOptions, int], Any] = {}
-_clients_lock = threading.Lock()
-
-
 def _make_client(options: ClientOptions) -> Any:
     config = Config(
         max_pool_connections=options.max_connections,
@@ -76,19 +72,36 @@ def _make_client(options: ClientOptions) -> Any:
     return session.client("s3", endpoint_url=options.endpoint, region_name=region, config=config)
 
 
+class PerProcess(Generic[T]):
+    """Objects made on first use, once per process and key, and never shared across a fork.
+
+    Clients, connection pools and thread pools hold sockets and threads that belong to the process
+    that made them; a forked DataLoader worker sees another ``os.getpid()`` and makes its own.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[int, Any], T] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, make: Callable[[], T]) -> T:
+        ident = (os.getpid(), key)
+        item = self._items.get(ident)
+        if item is None:
+            with self._lock:
+                item = self._items.get(ident)
+                if item is None:
+                    for stale in [k for k in self._items if k[0] != ident[0]]:
+                        del self._items[stale]
+                    item = self._items[ident] = make()
+        return item
+
+
+_clients: PerProcess[Any] = PerProcess()
+
+
 def get_client(options: ClientOptions, index: int = 0) -> Any:
     """Client number ``index`` for ``options`` in this process, created on first use."""
-    ident = (os.getpid(), options, index)
-    client = _clients.get(ident)
-    if client is None:
-        with _clients_lock:
-            client = _clients.get(ident)
-            if client is None:
-                # Drop clients inherited from a parent process: their sockets belong to it.
-                for stale in [k for k in _clients if k[0] != ident[0]]:
-                    del _clients[stale]
-                client = _clients[ident] = _make_client(options)
-    return client
+    return _clients.get((options, index), lambda: _make_client(options))
 
 
 def error_code(exc: BaseException) -> str | None:

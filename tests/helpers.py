@@ -42,3 +42,40 @@ def server_process(*, demo: int = 0, env: dict[str, str] | None = None) -> Itera
     finally:
         proc.stdin.close()
         proc.wait(timeout=20)
+
+
+def blob_count(cache_dir: Path) -> int:
+    objects = cache_dir / "objects"
+    return sum(1 for p in objects.rglob("*") if p.is_file()) if objects.is_dir() else 0
+
+
+def orphans(pid: int) -> list[int]:
+    """Children of ``pid`` (DataLoader workers of a killed parent exit on their own; don't wait for it)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[1] == str(pid):
+                out.append(int(d.name))
+    return out
+
+
+def kill_when_blobs(cmd: list[str], cache_dir: Path, threshold: int, *, timeout: float = 120) -> None:
+    """Start ``cmd``, wait until ``threshold`` blobs exist under ``cache_dir``, then SIGKILL it and its workers."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and blob_count(cache_dir) < threshold:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the fetch ended before the kill point"
+    children = orphans(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for child in children + orphans(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)

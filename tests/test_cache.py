@@ -139,3 +139,17 @@ def test_cache_package_imports_neither_boto3_nor_torch(tmp_path):
     code = "import sys, cache, cache.index, cache.locks; print(any(m in sys.modules for m in ('boto3','botocore','torch')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)), check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_temp_file_of_a_zombie_writer_counts_as_stale(tmp_path):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        # Not reaped yet: the child is a zombie, as killed workers become where nothing reaps orphans.
+        while open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            pass
+        (tmp_path / f".{pid}-{'1' * 16}.tmp").write_bytes(b"partial")
+        assert remove_stale_temp_files(tmp_path) == 1
+    finally:
+        os.waitpid(pid, 0)

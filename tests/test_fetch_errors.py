@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +15,7 @@ from pipeline import fetch as fetch_mod
 from pipeline.fetch import EXIT_INCOMPLETE, FetchConfig, fetch
 from pipeline.server import seed_objects
 from tests.conftest import png_bytes
-from tests.helpers import ROOT, closed_port, run_cli, server_process
+from tests.helpers import closed_port, kill_when_blobs, run_cli, server_process
 
 
 @pytest.fixture
@@ -140,19 +138,9 @@ def test_fetch_killed_mid_run_then_rerun_completes(s3_server, bucket, cache_dir)
     seed_objects(bucket, ((f"kill/img-{i:05d}_{i % 10}.png", png_bytes(i, size=24)) for i in range(n)))
     cmd = [sys.executable, "-m", "pipeline", "fetch", f"s3://{bucket}/kill/", "--endpoint", s3_server.endpoint,
            "--cache-dir", str(cache_dir), "--no-progress", "-w", "2", "-b", "16"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     objects = cache_dir / "objects"
-    deadline = time.monotonic() + 120
-    # Wait until the fetch is visibly under way (blobs appearing), then kill it without warning.
-    while time.monotonic() < deadline and proc.poll() is None:
-        if objects.is_dir() and sum(1 for p in objects.rglob("*") if p.is_file()) >= 100:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "fetch finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    for child in _orphans(proc.pid):
-        os.kill(child, signal.SIGKILL)
+    # Kill it without warning once it is visibly under way (blobs appearing).
+    kill_when_blobs(cmd, cache_dir, 100)
     blobs = [p for p in objects.rglob("*") if p.is_file()]
     assert 0 < len(blobs) < n
     assert all(hash_file(p) == p.name for p in blobs), "a partial blob was left under objects/"
@@ -167,17 +155,3 @@ def test_fetch_killed_mid_run_then_rerun_completes(s3_server, bucket, cache_dir)
     assert m.header.extra["fetch"]["cached"] >= len(blobs) - 2 * 16
     assert all(CacheLayout(root=cache_dir).blob_path(m.sha_hex(i)).is_file() for i in range(n))
     assert list((cache_dir / "tmp").iterdir()) == []
-
-
-def _orphans(pid: int) -> list[int]:
-    """DataLoader workers of a killed parent (they exit on their own, but do not wait for that)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if stat.rsplit(")", 1)[1].split()[1] == str(pid):
-                out.append(int(d.name))
-    return out

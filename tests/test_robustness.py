@@ -3,12 +3,9 @@ S3 protocol server on loopback."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,29 +16,11 @@ from pipeline.fetch import FetchConfig, fetch
 from pipeline.server import seed_objects
 from pipeline.train import TrainConfig, train
 from tests.conftest import png_bytes
-from tests.helpers import ROOT, run_cli
-from tests.test_fetch_errors import _orphans
+from tests.helpers import ROOT, kill_when_blobs, run_cli
 
 
 def _fetch_cmd(endpoint, uri, cache_dir, *extra):
     return [sys.executable, "-m", "pipeline", "fetch", uri, "--endpoint", endpoint, "--cache-dir", str(cache_dir), "--no-progress", *extra]
-
-
-def _blob_count(cache_dir) -> int:
-    objects = cache_dir / "objects"
-    return sum(1 for p in objects.rglob("*") if p.is_file()) if objects.is_dir() else 0
-
-
-def _kill_after(cmd, cache_dir, threshold: int) -> None:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline and _blob_count(cache_dir) < threshold:
-        time.sleep(0.005)
-    assert proc.poll() is None, "the fetch ended before the kill point"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    for child in _orphans(proc.pid):
-        os.kill(child, signal.SIGKILL)
 
 
 def test_sigkill_at_three_random_points(s3_server, bucket, cache_dir):
@@ -54,7 +33,7 @@ def test_sigkill_at_three_random_points(s3_server, bucket, cache_dir):
     rng = random.Random(20261126)
     points = sorted(rng.sample(range(150, 900), 3))
     for point in points:
-        _kill_after(_fetch_cmd(s3_server.endpoint, uri, cache_dir, "-w", "2", "-b", "16"), cache_dir, point)
+        kill_when_blobs(_fetch_cmd(s3_server.endpoint, uri, cache_dir, "-w", "2", "-b", "16"), cache_dir, point)
         manifests = list((cache_dir / "manifests").glob("*.jsonl"))
         assert [m.read_bytes() for m in manifests] == [old], "the manifest changed or was half-written by a killed run"
         assert all(hash_file(p) == p.name for p in (cache_dir / "objects").rglob("*") if p.is_file())

@@ -21,7 +21,7 @@ from pipeline.shard import (
     shard_mask,
     shard_of,
 )
-from tests.helpers import run_cli
+from tests.helpers import blob_count, run_cli
 
 N_KEYS = 300
 
@@ -34,10 +34,6 @@ def _items(start: int, stop: int, prefix: str = "sh/"):
 def _fetch(bucket, options, cache_dir, shard: ShardSpec | None, prefix: str = "sh/"):
     return fetch(FetchConfig(prefix=f"s3://{bucket}/{prefix}", options=options, cache_dir=cache_dir, workers=0,
                              progress=False, shard=shard))
-
-
-def _blob_count(cache_dir) -> int:
-    return sum(1 for p in (cache_dir / "objects").rglob("*") if p.is_file())
 
 
 def test_union_of_shard_manifests_is_the_listing_without_repeats(bucket, options, tmp_path):
@@ -56,7 +52,7 @@ def test_union_of_shard_manifests_is_the_listing_without_repeats(bucket, options
         # Roughly a third each (300 keys, hash split): a position or prefix bug would skew this.
         assert 60 <= len(keys) <= 140, len(keys)
         # The node mirrored its shard and nothing else, and the full listing was counted once.
-        assert result.summary.fetched == len(keys) == _blob_count(cache)
+        assert result.summary.fetched == len(keys) == blob_count(cache)
         assert m.header.extra["fetch"]["listed"] == N_KEYS
         # Labels (folder classes) are numbered over the whole listing, so every shard agrees with the full one.
         full_label = {full.keys[i]: int(full.label[i]) for i in range(len(full))}

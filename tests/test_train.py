@@ -96,7 +96,7 @@ def test_training_writes_outputs(manifest, cache_dir, tmp_path, pack):
     assert len(rows) == 2 * 3 and [int(r["iteration"]) for r in rows] == list(range(6))
     for r in rows:
         assert abs(float(r["batch_time"]) - float(r["dataloading_time"]) - float(r["training_time"])) < 1e-5
-    from pipeline.plots import GRID_PAD, PAIR_GAP  # noqa: F401  (sizes follow the documented formula)
+    from pipeline.plots import GRID_PAD  # sizes follow the documented formula
 
     sizes = {name: Image.open(out / name).size for name in ("reconstructions.png", "samples.png", "loss.png")}
     assert sizes["loss.png"] == (800, 450)
