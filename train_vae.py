@@ -61,7 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         summary = train(config)
     except (ValueError, FileNotFoundError, StorageError, FloatingPointError, sqlite3.Error) as e:
-        print(f"tess: error: {e}" + (f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""), file=sys.stderr)
+        line = f"tess: error: {e}" + (f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+        # One write() per line: under torchrun every rank shares stderr, and a line split over two
+        # writes can interleave with another rank's.
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), (line + "\n").encode())
         return 2
     if rank == 0:
         print(report(summary, args.out))
