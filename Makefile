@@ -50,7 +50,7 @@ serve: $(STAMP)
 train: $(STAMP)
 	$(PY) train_vae.py $(train_args)
 
-# NPROC processes on this machine (gloo on CPU, nccl on CUDA); multi-node: see docs/cluster.md.
+# NPROC processes on this machine (gloo on CPU, nccl on CUDA); multi-node: README "Running on a cluster".
 train-ddp: $(STAMP)
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) train_vae.py $(train_args)
 
