@@ -18,6 +18,7 @@ BATCH ?=
 OUT ?= runs/latest
 N ?= 5000
 NPROC ?= 2
+REPEATS ?= 3
 SHARD ?=
 CACHE_MAX_BYTES ?=
 REPAIR ?=
@@ -29,10 +30,10 @@ fetch_args = $(PREFIX) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(if $(WORKERS),
 train_args = -e $(EPOCHS) $(if $(WORKERS),-w $(WORKERS)) $(if $(BATCH),-b $(BATCH)) \
 	$(if $(PREFIX),--prefix $(PREFIX)) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(cache_arg) --out $(OUT)
 
-.PHONY: help venv fetch serve train train-ddp demo verify cache-stats clean-cache test
+.PHONY: help venv fetch serve train train-ddp demo verify cache-stats clean-cache bench test
 
 help:
-	@echo "make demo | fetch [PREFIX= ENDPOINT= WORKERS= CLIENTS= LIMIT= SHARD=k/N CACHE_DIR=] | serve | train [EPOCHS= WORKERS= BATCH= PREFIX= CACHE_DIR= OUT=] | train-ddp [NPROC= + train's] | verify [REPAIR=1] | cache-stats | clean-cache | test"
+	@echo "make demo | fetch [PREFIX= ENDPOINT= WORKERS= CLIENTS= LIMIT= SHARD=k/N CACHE_DIR=] | serve | train [EPOCHS= WORKERS= BATCH= PREFIX= CACHE_DIR= OUT=] | train-ddp [NPROC= + train's] | verify [REPAIR=1] | cache-stats | clean-cache | bench [N= REPEATS=] | test"
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +68,11 @@ cache-stats: $(STAMP)
 
 clean-cache: $(STAMP)
 	$(PY) -m pipeline clean-cache $(cache_arg)
+
+# Benchmarks (not part of `make test`; about 45 min at N=5000, REPEATS=3 on 2 cores). Installs the AWS CLI
+# into bench/.venv-awscli and rclone (apt-get, as root) when missing. Tables: bench/results/*.md and *.csv.
+bench: $(STAMP)
+	$(PY) bench/run_all.py --n $(N) --repeats $(REPEATS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

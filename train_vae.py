@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoded uint8 pack of the manifest, built once and memory-mapped (default auto = on for the cache)")
     p.add_argument("--on-bad-sample", default="stop", choices=("stop", "skip"),
                    help="stop with the key of a corrupt or undecodable blob (default) or skip and count it")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's, one per core; 1 is faster on a busy shared machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -57,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             latent_dim=args.latent_dim, beta=args.beta, image_size=args.image_size, seed=args.seed, device=args.device,
             amp=args.amp, source=args.source, prefix=args.prefix, endpoint=args.endpoint, manifest=args.manifest,
             cache_dir=args.cache_dir, out=args.out, resume=args.resume, force_resume=args.force_resume, pack=args.pack,
-            on_bad_sample=args.on_bad_sample, progress=not args.no_progress,
+            on_bad_sample=args.on_bad_sample, progress=not args.no_progress, threads=args.threads,
         )
         summary = train(config)
     except (ValueError, FileNotFoundError, StorageError, FloatingPointError, sqlite3.Error) as e:

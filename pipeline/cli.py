@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fetch", help="mirror an S3 prefix into the cache and write its manifest")
     f.add_argument("prefix", nargs="?", default=None, help="s3://bucket/prefix; omitted: start the embedded demo server and fetch its demo set")
-    f.add_argument("-w", "--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    f.add_argument("-w", "--workers", type=int, default=0, help="DataLoader worker processes (default 0: fastest measured here; each process runs --max-connections threads)")
     f.add_argument("-c", "--clients", type=int, default=1, help="S3 clients per process; worker i uses client i %% c (default 1)")
     f.add_argument("-b", "--batch", type=int, default=64, help="objects per DataLoader batch, fetched concurrently (default 64)")
     f.add_argument("--limit", type=_positive_int, default=None, help="fetch only the first N listed objects")

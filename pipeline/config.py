@@ -91,7 +91,9 @@ class ClientOptions:
     """
 
     endpoint: str | None = None
-    max_connections: int = 16
+    # Measured on loopback moto: 8 threads per process fetch as fast as 16 with ~15% less CPU (fewer
+    # GIL hand-offs); raise it for high-latency stores.
+    max_connections: int = 8
     retry_mode: str = "standard"
     max_attempts: int = 4
     connect_timeout: float = 3.0

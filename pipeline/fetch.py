@@ -61,7 +61,7 @@ class FetchConfig:
     prefix: str
     options: ClientOptions = field(default_factory=ClientOptions)
     cache_dir: str | os.PathLike[str] | None = None
-    workers: int = 2
+    workers: int = 0
     clients: int = 1
     batch: int = 64
     limit: int | None = None

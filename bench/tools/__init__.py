@@ -1,0 +1,1 @@
+"""Stand-alone baseline programs that the benchmarks run as child processes."""
