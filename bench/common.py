@@ -217,29 +217,13 @@ class BenchServer:
 @contextlib.contextmanager
 def demo_server(n: int, *, seed: int = 0) -> Iterator[BenchServer]:
     """Start ``python -m pipeline serve --demo n`` as a separate process; yield it once it is ready."""
-    from pipeline.server import READY_PREFIX
+    from pipeline.server import embedded_server_process
 
-    cmd = [PYTHON, "-m", "pipeline", "serve", "--port", "0", "--demo", str(n), "--seed", str(seed), "--until-stdin-closes"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith(READY_PREFIX):
-            raise RuntimeError(f"the S3 server did not start (exit {proc.poll()}): {line!r}")
-        server = BenchServer(endpoint=line[len(READY_PREFIX):].strip(), pid=proc.pid, n=n)
-        log(f"S3 server {server.endpoint} (pid {proc.pid}) seeded with {n} demo objects in {time.perf_counter() - t0:.1f} s")
+    with embedded_server_process(demo=n, seed=seed) as (endpoint, pid):
+        server = BenchServer(endpoint=endpoint, pid=pid, n=n)
+        log(f"S3 server {server.endpoint} (pid {pid}) seeded with {n} demo objects in {time.perf_counter() - t0:.1f} s")
         yield server
-    finally:
-        if proc.stdin:
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- measured runs ----------------------------------------------------------------------------------------

@@ -157,8 +157,8 @@ def serve(*, host: str, port: int, demo: int, seed: int, until_stdin_closes: boo
 
 
 @contextlib.contextmanager
-def embedded_server(*, demo: int, seed: int = 0) -> Iterator[str]:
-    """Start ``python -m pipeline serve`` in a child process (its own GIL) and yield its endpoint.
+def embedded_server_process(*, demo: int, seed: int = 0) -> Iterator[tuple[str, int]]:
+    """Start ``python -m pipeline serve`` in a child process (its own GIL); yield (endpoint, pid).
 
     The child exits when this process closes its stdin, so it never outlives a killed parent.
     """
@@ -174,13 +174,20 @@ def embedded_server(*, demo: int, seed: int = 0) -> Iterator[str]:
                 break
         if endpoint is None:
             raise RuntimeError(f"the embedded S3 server exited with code {proc.wait()} before it was ready")
-        yield endpoint
+        yield endpoint, proc.pid
     finally:
         if proc.stdin:
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def embedded_server(*, demo: int, seed: int = 0) -> Iterator[str]:
+    """:func:`embedded_server_process`, yielding only the endpoint."""
+    with embedded_server_process(demo=demo, seed=seed) as (endpoint, _pid):
+        yield endpoint

@@ -107,3 +107,16 @@ def test_stats_reports_dedup_and_last_fetch(s3_server, bucket, options, cache_di
 def test_bad_cap_value(cache_dir, value, fragment):
     proc = run_cli("fetch", "s3://bkt/p/", "--max-cache-bytes", value, "--cache-dir", str(cache_dir))
     assert proc.returncode == 2 and fragment in proc.stderr
+
+
+def test_embedded_demo_fetch_and_repair_from_a_fresh_embedded_server(cache_dir):
+    proc = run_cli("fetch", "--demo", "40", "--cache-dir", str(cache_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    m = load_manifest(next((cache_dir / "manifests").glob("*.jsonl")))
+    assert len(m) == 40 and m.header.endpoint == "embedded-demo" and m.label.tolist() == [i % 10 for i in range(40)]
+    os.unlink(CacheLayout(root=cache_dir).blob_path(m.sha_hex(7)))
+    # The demo set is deterministic, so a new embedded server can repair the blob byte for byte.
+    proc = run_cli("verify", "--repair", "--cache-dir", str(cache_dir), "--no-progress")
+    assert proc.returncode == 0 and "repaired 1 blobs" in proc.stdout, proc.stderr
+    again = run_cli("fetch", "--demo", "40", "--cache-dir", str(cache_dir), "--no-progress")
+    assert "fetched 0, already cached 40" in again.stdout
