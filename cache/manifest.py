@@ -196,11 +196,15 @@ class StringArray:
 
     @classmethod
     def from_strings(cls, strings: Sequence[str]) -> StringArray:
-        encoded = [s.encode("utf-8") for s in strings]
+        return cls.from_encoded([s.encode("utf-8") for s in strings])
+
+    @classmethod
+    def from_encoded(cls, encoded: Sequence[bytes]) -> StringArray:
+        """From already UTF-8-encoded strings."""
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in encoded], out=offsets[1:])
-        data = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
-        return cls(data, offsets)
+        if encoded:
+            np.cumsum(np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+        return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -285,19 +289,12 @@ def load_manifest(path: str | os.PathLike[str]) -> ManifestArrays:
     return ManifestArrays(
         path=p,
         header=header,
-        keys=_string_array(key_bytes),
-        etags=_string_array(etag_bytes),
+        keys=StringArray.from_encoded(key_bytes),
+        etags=StringArray.from_encoded(etag_bytes),
         sha256=sha,
         size=size,
         label=label,
     )
-
-
-def _string_array(encoded: list[bytes]) -> StringArray:
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    if encoded:
-        np.cumsum(np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
-    return StringArray(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
 
 
 def list_manifests(layout: CacheLayout) -> list[Path]:

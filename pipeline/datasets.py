@@ -344,6 +344,8 @@ class CachedImageDataset(Dataset):
         return len(self.manifest)
 
     def blob_path(self, i: int) -> str:
+        # CacheLayout.blob_path's layout, without its Path object and digest check: this runs once per
+        # sample, and the digest comes from a manifest whose records_sha256 was verified at load.
         h = self.manifest.sha256[i].tobytes().hex()
         return f"{self._objects}/{h[0:2]}/{h[2:4]}/{h}"
 

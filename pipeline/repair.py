@@ -8,6 +8,7 @@ An object that changed on the server since then cannot repair that manifest: a n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
@@ -73,7 +74,7 @@ def repair(layout: CacheLayout, problems: list[Problem], *, options: ClientOptio
         )
         demo_count = int((h.extra.get("fetch") or {}).get("listed", h.count))
         with _endpoint_for(h.endpoint, endpoint, demo_count) as url:
-            opts = ClientOptions(**{**options.__dict__, "endpoint": url})
+            opts = dataclasses.replace(options, endpoint=url)
             ds = DSSDataset(f"s3://{h.bucket}/{h.prefix}", options=opts, load2memory=False, cache_dir=layout.root,
                             listing=listing, endpoint_label=h.endpoint)
             records = ds.__getitems__(list(range(len(idx))))
