@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -89,3 +90,30 @@ def put(s3_client, bucket):
         s3_client.put_object(Bucket=bucket, Key=key, Body=data)
 
     return _put
+
+
+@pytest.fixture(scope="session")
+def s3rver_server():
+    """s3rver (npm ``s3rver@3.7.1``, a Node.js S3 server) on 127.0.0.1 for the whole session.
+
+    Installed under ``.venv/s3rver`` on first use; skipped, with the reason, only where node or the
+    npm registry cannot be reached.
+    """
+    from s3rver import S3rverServer, install
+
+    try:
+        modules = install()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"s3rver unavailable: {e}")
+    with S3rverServer(modules=modules) as server:
+        yield server
+
+
+@pytest.fixture
+def s3rver_env(s3rver_server, monkeypatch):
+    """Credentials s3rver accepts (only S3RVER/S3RVER) for one test; returns the endpoint."""
+    from s3rver import ACCESS_KEY, SECRET_KEY
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    return s3rver_server.endpoint

@@ -1,0 +1,106 @@
+"""s3rver, a second S3 implementation (Node.js), for the end-to-end tests and the benchmarks.
+
+moto is the tests' main server; s3rver catches S3 dialect differences (its listings, ETags and errors
+are its own) and serves small objects about five times faster, so the fetch benchmarks measure the
+client, not the server. :func:`install` puts npm's ``s3rver@3.7.1`` under ``.venv/s3rver`` once;
+:class:`S3rverServer` runs it on 127.0.0.1 at a free port through ``s3rver_main.js``, which counts
+requests by kind like the moto server (``GET /_tess/stats``).
+
+Node 20 needs ``NODE_OPTIONS=--openssl-legacy-provider`` or listings over 1,000 keys fail, and s3rver
+accepts only the key pair ``S3RVER`` / ``S3RVER``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VERSION = "3.7.1"
+INSTALL_DIR = ROOT / ".venv" / "s3rver"
+MAIN_JS = Path(__file__).resolve().parent / "s3rver_main.js"
+ACCESS_KEY = SECRET_KEY = "S3RVER"
+READY_PREFIX = "TESS_S3_ENDPOINT="
+
+
+def install(prefix: Path = INSTALL_DIR) -> Path:
+    """``npm install s3rver@3.7.1`` into ``prefix`` unless it is there; return its ``node_modules``.
+
+    Raises:
+        RuntimeError: node or npm is missing, or npm failed (no registry); the message says which.
+    """
+    modules = prefix / "node_modules"
+    if (modules / "s3rver" / "package.json").is_file():
+        return modules
+    for tool in ("node", "npm"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is not installed; s3rver needs Node.js 20 and npm")
+    proc = subprocess.run(
+        ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error", f"s3rver@{VERSION}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    if proc.returncode != 0 or not (modules / "s3rver" / "package.json").is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"npm install s3rver@{VERSION} failed (exit {proc.returncode}): {tail[0]}")
+    return modules
+
+
+class S3rverServer:
+    """s3rver on 127.0.0.1 at a free port, storing its buckets in a temporary folder."""
+
+    def __init__(self, *, modules: Path | None = None, directory: str | os.PathLike[str] | None = None) -> None:
+        self._modules = modules or install()
+        self._own_dir = directory is None
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="tess-s3rver-"))
+        self._proc: subprocess.Popen[str] | None = None
+        self.endpoint = ""
+
+    def start(self) -> S3rverServer:
+        env = {**os.environ, "NODE_PATH": str(self._modules), "NODE_OPTIONS": "--openssl-legacy-provider"}
+        # stdin is a pipe we never close until stop(): the server exits when it closes, so a killed
+        # test run never leaves a server behind.
+        self._proc = subprocess.Popen(["node", str(MAIN_JS), str(self.directory)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, env=env)
+        line = self._proc.stdout.readline() if self._proc.stdout else ""
+        if not line.startswith(READY_PREFIX):
+            self.stop()
+            raise RuntimeError(f"s3rver did not start (printed {line.strip()!r})")
+        self.endpoint = line.strip()[len(READY_PREFIX):]
+        return self
+
+    @property
+    def counts(self) -> collections.Counter[str]:
+        """Requests served so far, by kind (``GET`` of an object, ``LIST``, ``PUT``, ...)."""
+        with urllib.request.urlopen(self.endpoint + "/_tess/stats", timeout=10) as r:
+            return collections.Counter(json.load(r))
+
+    def reset_counts(self) -> None:
+        req = urllib.request.Request(self.endpoint + "/_tess/stats", method="DELETE")
+        urllib.request.urlopen(req, timeout=10).close()
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.stdin:
+                self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            if self._proc.stdout:
+                self._proc.stdout.close()
+            self._proc = None
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> S3rverServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

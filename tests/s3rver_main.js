@@ -1,0 +1,44 @@
+// s3rver (a Node.js S3 server) on 127.0.0.1 for the tests and benchmarks, with request counts.
+// Usage: node s3rver_main.js DIRECTORY [PORT]. Prints "TESS_S3_ENDPOINT=http://127.0.0.1:PORT" once
+// listening; GET /_tess/stats answers the request counts by kind (as pipeline/server.py's moto does),
+// DELETE /_tess/stats resets them. Exits when stdin closes, so a killed parent never leaves it behind.
+'use strict';
+const http = require('http');
+const S3rver = require('s3rver');
+
+const [directory, port = '0'] = process.argv.slice(2);
+const app = new S3rver({ directory, silent: true, address: '127.0.0.1', port: 0 });
+const counts = {};
+
+function kind(method, url) {
+  const [path, query = ''] = url.split('?', 2);
+  const parts = path.replace(/^\/+/, '').split('/');
+  const hasKey = parts.length >= 2 && parts.slice(1).join('/') !== '';
+  if (method === 'GET') {
+    if (hasKey) return 'GET';
+    const q = new URLSearchParams(query);
+    return q.has('list-type') || q.has('prefix') || query === '' ? 'LIST' : 'GET_BUCKET_OTHER';
+  }
+  return method;
+}
+
+const handle = app.callback();
+const server = http.createServer((req, res) => {
+  if (req.url === '/_tess/stats') {
+    if (req.method === 'DELETE') for (const k of Object.keys(counts)) delete counts[k];
+    const body = JSON.stringify(counts);
+    res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) });
+    res.end(body);
+    return;
+  }
+  const k = kind(req.method, req.url);
+  counts[k] = (counts[k] || 0) + 1;
+  handle(req, res);
+});
+server.keepAliveTimeout = 60000;
+server.listen(Number(port), '127.0.0.1', () => {
+  process.stdout.write(`TESS_S3_ENDPOINT=http://127.0.0.1:${server.address().port}\n`);
+});
+process.stdin.on('end', () => process.exit(0));
+process.stdin.on('close', () => process.exit(0));
+process.stdin.resume();
