@@ -1,8 +1,8 @@
 """Content-addressed blob store: streams bytes to a temp file, checks them, renames them into place.
 
 The blob's file name is the SHA-256 of its bytes, so the same content under two keys is stored once and
-no key, however hostile, ever becomes a path. A body is accepted only when its byte count equals the
-announced Content-Length and, for single-part uploads whose ETag is a plain MD5, when the MD5 matches.
+no key, however hostile, ever becomes a path. A body is accepted only when it passes :mod:`cache.checks`
+(Content-Length, MD5 ETag, S3 additional checksum; SHA-256 always).
 """
 
 from __future__ import annotations
@@ -10,26 +10,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 from pathlib import Path
 
 from cache.atomic import temp_path_for
+from cache.checks import BodyCheckError, BodyHasher, Expected, md5_from_etag
 from cache.layout import CacheLayout
 
+__all__ = ["BlobStore", "BlobWriteError", "BlobWriter", "hash_file", "md5_from_etag", "sync_filesystem"]
+
 CHUNK = 1 << 20
-_MD5_ETAG_RE = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
+_HASH_READ = 4 << 20
 
-
-class BlobWriteError(Exception):
-    """A downloaded body did not match its announced size or MD5 ETag."""
-
-
-def md5_from_etag(etag: str | None) -> str | None:
-    """The hex MD5 an ETag stands for, or None for multipart/SSE-KMS style ETags (``"...-N"``)."""
-    if not etag:
-        return None
-    m = _MD5_ETAG_RE.match(etag.strip())
-    return m.group(1).lower() if m else None
+# One exception for every body check (kept under its old name for callers of cache.blobs).
+BlobWriteError = BodyCheckError
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
@@ -42,41 +35,58 @@ def hash_file(path: str | os.PathLike[str]) -> str:
 
 
 class BlobWriter:
-    """One in-flight blob: write chunks, then :meth:`commit` (checks, fsync, rename) or :meth:`abort`."""
+    """One in-flight blob: write it, then :meth:`commit` (checks, optional fsync, rename) or :meth:`abort`.
 
-    def __init__(self, store: BlobStore, *, expected_size: int | None, etag: str | None, label: str) -> None:
+    Bodies arrive either in order (:meth:`write`, hashed as they come) or as ranges in any order
+    (:meth:`write_at`, then :meth:`hash_through` as the contiguous prefix grows, re-reading it from the
+    page cache, so no more than the chunks in flight is ever held in memory).
+    """
+
+    def __init__(self, store: BlobStore, *, expected: Expected, label: str, fsync: bool = True) -> None:
         self._store = store
-        self._expected_size = expected_size
-        self._expected_md5 = md5_from_etag(etag)
-        self._label = label
-        self._sha = hashlib.sha256()
-        self._md5 = hashlib.md5() if self._expected_md5 else None
-        self._size = 0
+        self._hasher = BodyHasher(expected, label=label)
+        self._fsync = fsync
+        self._ranged = False
         self.tmp_path = temp_path_for(store.layout.tmp)
         self._f = open(self.tmp_path, "xb")
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         self._f.write(chunk)
-        self._sha.update(chunk)
-        if self._md5 is not None:
-            self._md5.update(chunk)
-        self._size += len(chunk)
+        self._hasher.update(chunk)
+
+    def write_at(self, offset: int, chunk: bytes | memoryview) -> None:
+        """Write ``chunk`` at ``offset`` (ranged GETs); hashing waits for :meth:`hash_through`."""
+        self._ranged = True
+        os.pwrite(self._f.fileno(), chunk, offset)
+
+    @property
+    def hashed(self) -> int:
+        return self._hasher.size
+
+    def hash_through(self, end: int) -> None:
+        """Hash the bytes written so far up to ``end`` (they must all have been written)."""
+        fd = self._f.fileno()
+        while self._hasher.size < end:
+            data = os.pread(fd, min(_HASH_READ, end - self._hasher.size), self._hasher.size)
+            if not data:
+                break
+            self._hasher.update(data)
 
     def commit(self) -> tuple[str, bool]:
-        """Check, fsync and move the blob into place; return (sha256 hex, True if newly stored)."""
+        """Check, fsync (unless the store syncs once later) and move the blob into place.
+
+        Returns:
+            (sha256 hex, True if newly stored).
+        """
         try:
-            if self._expected_size is not None and self._size != self._expected_size:
-                raise BlobWriteError(
-                    f"{self._label}: got {self._size} bytes, Content-Length said {self._expected_size}"
-                )
-            if self._md5 is not None and self._md5.hexdigest() != self._expected_md5:
-                raise BlobWriteError(
-                    f"{self._label}: MD5 {self._md5.hexdigest()} does not match ETag {self._expected_md5}"
-                )
+            if self._ranged:
+                self._f.flush()
+                self.hash_through(os.fstat(self._f.fileno()).st_size)
+            sha = self._hasher.verify()
             self._f.flush()
-            os.fsync(self._f.fileno())
+            if self._fsync:
+                os.fsync(self._f.fileno())
             self._f.close()
-            sha = self._sha.hexdigest()
             final = self._store.layout.blob_path(sha)
             existed = final.exists()
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -107,9 +117,13 @@ class BlobStore:
     def has(self, sha256_hex: str) -> bool:
         return self.layout.blob_path(sha256_hex).is_file()
 
-    def writer(self, *, expected_size: int | None = None, etag: str | None = None, label: str = "blob") -> BlobWriter:
-        """Start a blob; ``label`` (e.g. the S3 URI) is used only in error messages."""
-        return BlobWriter(self, expected_size=expected_size, etag=etag, label=label)
+    def writer(self, *, expected_size: int | None = None, etag: str | None = None, label: str = "blob",
+               expected: Expected | None = None, fsync: bool = True) -> BlobWriter:
+        """Start a blob; ``label`` (e.g. the S3 URI) is used only in error messages.
+
+        ``fsync=False`` leaves durability to one :func:`sync_filesystem` before the manifest is written.
+        """
+        return BlobWriter(self, expected=expected or Expected(size=expected_size, etag=etag), label=label, fsync=fsync)
 
     def put_bytes(self, data: bytes, *, etag: str | None = None, label: str = "blob") -> tuple[str, bool]:
         """Store ``data``; return (sha256 hex, newly stored)."""
@@ -125,3 +139,16 @@ class BlobStore:
         """True when the blob exists and its bytes still hash to its name."""
         p = self.path(sha256_hex)
         return p.is_file() and hash_file(p) == sha256_hex
+
+
+def sync_filesystem(path: str | os.PathLike[str]) -> None:
+    """Make every write on the filesystem holding ``path`` durable: ``syncfs(2)``, else ``os.sync()``."""
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)

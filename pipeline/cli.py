@@ -32,7 +32,7 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     d = ClientOptions()
     g = p.add_argument_group("S3 client")
     g.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS)")
-    g.add_argument("--max-connections", type=int, default=d.max_connections, help=f"connections (and threads) per client (default {d.max_connections})")
+    g.add_argument("--max-connections", type=int, default=d.max_connections, help=f"requests in flight per client (default {d.max_connections})")
     g.add_argument("--retry-mode", default=d.retry_mode, choices=("standard", "adaptive", "legacy"), help="botocore retry mode (default standard)")
     g.add_argument("--max-attempts", type=int, default=d.max_attempts, help=f"attempts per request and per object (default {d.max_attempts})")
     g.add_argument("--connect-timeout", type=float, default=d.connect_timeout, help=f"seconds (default {d.connect_timeout})")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fetch", help="mirror an S3 prefix into the cache and write its manifest")
     f.add_argument("prefix", nargs="?", default=None, help="s3://bucket/prefix; omitted: start the embedded demo server and fetch its demo set")
-    f.add_argument("-w", "--workers", type=int, default=0, help="DataLoader worker processes (default 0: fastest measured here; each process runs --max-connections threads)")
+    f.add_argument("-w", "--workers", type=int, default=0, help="DataLoader worker processes (default 0: one event loop in this process, no torch import; each worker runs --max-connections requests)")
     f.add_argument("-c", "--clients", type=int, default=1, help="S3 clients per process; worker i uses client i %% c (default 1)")
     f.add_argument("-b", "--batch", type=int, default=64, help="objects per DataLoader batch, fetched concurrently (default 64)")
     f.add_argument("--limit", type=_positive_int, default=None, help="fetch only the first N listed objects")

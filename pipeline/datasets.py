@@ -10,7 +10,6 @@ Images are decoded with Pillow (see :func:`decode_rgb` for why not torchvision's
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -28,14 +27,17 @@ import urllib3.exceptions
 from torch.utils.data import Dataset, get_worker_info
 from PIL import Image
 
-from cache.blobs import BlobStore, BlobWriteError, md5_from_etag
+from cache.blobs import BlobStore, BlobWriteError
+from cache.checks import BodyHasher, Expected
 from cache.index import KeyIndex
 from cache.layout import CacheLayout
 from cache.manifest import ManifestArrays, load_manifest
 from pipeline.config import ClientOptions, S3Uri
+from pipeline.engines import make_mirror, settings_for
 from pipeline.listing import Listing
+from pipeline.mirror import Mirror, MirrorRecord, MirrorStatus, ObjectRef, SyncPolicy, mirror_all
 from pipeline.objectget import RetryableHTTPError, open_object
-from pipeline.s3 import PerProcess, StorageError, describe_error, get_client, is_missing, list_objects, retry_call
+from pipeline.s3 import PerProcess, StorageError, describe_error, get_client, list_objects, retry_call
 
 log = logging.getLogger(__name__)
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -54,9 +56,9 @@ _TRANSIENT = (
 )
 
 
-def _botocore_retries(response: dict[str, Any]) -> int:
-    """Retries botocore made inside one call, from its ``ResponseMetadata.RetryAttempts``."""
-    return int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
+# Threads of the streaming path (load2memory=True) per client: ``max_connections`` sizes the mirror's
+# event loop (128 by default), far more than blocking threads should be.
+_STREAM_THREADS = 16
 
 
 def to_float(image: torch.Tensor, *, image_size: int | None = None) -> torch.Tensor:
@@ -105,8 +107,9 @@ _pools: PerProcess[ThreadPoolExecutor] = PerProcess()
 
 
 def _thread_pool(size: int) -> ThreadPoolExecutor:
-    """The fetch thread pool of this process (pools, like clients, must not cross a fork)."""
-    return _pools.get("get", lambda: ThreadPoolExecutor(max_workers=size, thread_name_prefix="tess-get"))
+    """The streaming thread pool of ``size`` threads in this process (one pool per size; pools, like
+    clients, must not cross a fork)."""
+    return _pools.get(("get", size), lambda: ThreadPoolExecutor(max_workers=size, thread_name_prefix="tess-get"))
 
 
 class DSSDataset(Dataset):
@@ -119,11 +122,12 @@ class DSSDataset(Dataset):
         transforms: applied to the decoded uint8 (3, H, W) tensor; default: float in [0, 1] at
             ``image_size``.
         load2memory: True returns ``(image, label)`` decoded in memory; False mirrors the object into
-            the cache under ``cache_dir`` and returns its record (a dict).
+            the cache under ``cache_dir`` (:mod:`pipeline.mirror`) and returns its :class:`MirrorRecord`.
         cache_dir: cache root for ``load2memory=False``.
         limit: list at most this many objects.
         listing: an existing listing (the fetch stage lists once and passes it in).
         image_size: output size of the default transform.
+        sync: when mirrored blobs become durable (the fetch stage syncs once before its manifest).
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class DSSDataset(Dataset):
         listing: Listing | None = None,
         image_size: int | None = 32,
         endpoint_label: str | None = None,
+        sync: SyncPolicy = SyncPolicy.PER_BLOB,
     ) -> None:
         super().__init__()
         if client_num < 1:
@@ -150,6 +155,7 @@ class DSSDataset(Dataset):
         self.load2memory = load2memory
         self.layout = CacheLayout.at(cache_dir)
         self.endpoint_label = endpoint_label or self.options.endpoint_label
+        self.sync = sync
         if listing is None:
             listing = Listing.from_objects(list_objects(self.uri, self.options, limit=limit), prefix=self.uri.prefix)
             if len(listing) == 0:
@@ -186,13 +192,12 @@ class DSSDataset(Dataset):
         def once() -> bytes:
             body = open_object(self.options, client, client_index, self.uri.bucket, key)
             data = body.read()
-            if body.content_length >= 0 and len(data) != body.content_length:
-                raise BlobWriteError(f"{self._uri(i)}: got {len(data)} bytes, Content-Length said {body.content_length}")
-            # The MD5 ETag catches bytes damaged on the way, which would otherwise fail to decode or,
-            # worse, decode into wrong pixels without a word.
-            md5 = md5_from_etag(body.etag)
-            if md5 is not None and hashlib.md5(data).hexdigest() != md5:
-                raise BlobWriteError(f"{self._uri(i)}: MD5 {hashlib.md5(data).hexdigest()} does not match ETag {md5}")
+            # Length and MD5 ETag (cache.checks) catch bytes cut short or damaged on the way, which would
+            # otherwise fail to decode or, worse, decode into wrong pixels without a word.
+            hasher = BodyHasher(Expected(size=body.content_length if body.content_length >= 0 else None, etag=body.etag),
+                                label=self._uri(i))
+            hasher.update(data)
+            hasher.verify()
             return data
 
         try:
@@ -211,23 +216,19 @@ class DSSDataset(Dataset):
     def __getitem__(self, i: int) -> Any:
         if self.load2memory:
             return self._decode(i, self._get_bytes(i, self._client_index(0)))
-        record = self._mirror(i, self._client_index(0))
-        self._record_in_index([record])
-        return record
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-        """Fetch a batch concurrently, bounded by the client's max connections."""
+        """Fetch a batch concurrently: streaming through a thread pool, mirroring through the event loop."""
+        if not self.load2memory:
+            return self._mirror_batch(indices)
         if len(indices) <= 1:
             return [self[i] for i in indices]
-        pool = _thread_pool(self.options.max_connections * (self.client_num if get_worker_info() is None else 1))
-        if self.load2memory:
-            datas = list(pool.map(lambda a: self._get_bytes(a[1], self._client_index(a[0])), enumerate(indices)))
-            return [self._decode(i, d) for d, i in zip(datas, indices)]
-        records = list(pool.map(lambda a: self._mirror(a[1], self._client_index(a[0])), enumerate(indices)))
-        self._record_in_index(records)
-        return records
+        pool = _thread_pool(min(_STREAM_THREADS, self.options.max_connections) * (self.client_num if get_worker_info() is None else 1))
+        datas = list(pool.map(lambda a: self._get_bytes(a[1], self._client_index(a[0])), enumerate(indices)))
+        return [self._decode(i, d) for d, i in zip(datas, indices)]
 
-    # -- mirroring -----------------------------------------------------------------------------------
+    # -- mirroring (pipeline.mirror) -----------------------------------------------------------------
 
     def _blob_store(self) -> BlobStore:
         if self._store is None or self._store_pid != os.getpid():
@@ -236,9 +237,32 @@ class DSSDataset(Dataset):
             self._store_pid = os.getpid()
         return self._store
 
-    def _record_in_index(self, records: list[dict[str, Any]]) -> None:
+    def _mirrors(self) -> list[Mirror]:
+        """This process's mirrors: one per client in the main process, client ``i % c`` in worker ``i``."""
+        info = get_worker_info()
+        store = self._blob_store()
+        settings = settings_for(self.options, sync=self.sync)
+        if info is not None:
+            c = info.id % self.client_num
+            return [make_mirror(self.options, self.uri.bucket, store, client=c, worker=info.id, settings=settings)]
+        return [make_mirror(self.options, self.uri.bucket, store, client=c, settings=settings) for c in range(self.client_num)]
+
+    def object_ref(self, i: int) -> ObjectRef:
+        lst = self.listing
+        return ObjectRef(index=int(i), key=lst.keys[i], size=int(lst.size[i]), etag=lst.etags[i],
+                         last_modified=lst.last_modified[i], label=int(lst.label[i]))
+
+    def _mirror_batch(self, indices: Sequence[int]) -> list[MirrorRecord]:
+        """Mirror objects ``indices`` into the cache; their :class:`MirrorRecord`\ s, in that order."""
+        records = mirror_all(self._mirrors(), [self.object_ref(i) for i in indices])
+        self._record_in_index(records)
+        return records
+
+    def _record_in_index(self, records: Sequence[MirrorRecord]) -> None:
         """Remember fetched objects at once, so a killed fetch re-downloads only what was in flight."""
-        entries = [(r["key"], r["etag"], int(r["size"]), r["sha256"]) for r in records if r["status"] == "fetched"]
+        entries = [(r.key, r.etag, r.size, r.sha256) for r in records if r.status is MirrorStatus.FETCHED]
+        if not entries:
+            return
         self._blob_store()
         try:
             if self._index is None:
@@ -248,64 +272,6 @@ class DSSDataset(Dataset):
             # The blobs are safe; a missing index entry only costs a GET on the next run. A full disk
             # is reported by the blob writes themselves.
             log.warning("key index not updated for %d objects (%s)", len(entries), e)
-
-    def _mirror(self, i: int, client_index: int) -> dict[str, Any]:
-        """Download object ``i`` into the cache; return its record with a ``status``.
-
-        Status is ``fetched`` or, for problems that concern only this object, ``missing`` (deleted
-        since the listing) or ``failed`` (retries exhausted); problems that concern every object
-        (credentials, bucket, endpoint) come back as ``fatal`` so the fetch stops at once.
-        """
-        client = get_client(self.options, client_index)
-        store = self._blob_store()
-        key = self.listing.keys[i]
-        uri = self._uri(i)
-        attempts = 0
-
-        def once() -> tuple[str, bool, str, int]:
-            nonlocal attempts
-            attempts += 1
-            try:
-                body = open_object(self.options, client, client_index, self.uri.bucket, key)
-            except botocore.exceptions.ClientError as e:
-                # On the boto3 path (adaptive mode) botocore retried inside this call; count those too.
-                attempts += _botocore_retries(e.response)
-                raise
-            attempts += body.retries
-            length, etag = body.content_length, body.etag
-            writer = store.writer(expected_size=length, etag=etag, label=uri)
-            try:
-                for chunk in body.iter_chunks():
-                    writer.write(chunk)
-            except BaseException:
-                writer.abort()
-                raise
-            sha, new = writer.commit()
-            return sha, new, etag, length
-
-        info = get_worker_info()
-        base = {
-            "index": int(i),
-            "key": key,
-            "label": int(self.listing.label[i]),
-            "last_modified": self.listing.last_modified[i],
-            "client": client_index,
-            "worker": info.id if info is not None else -1,
-        }
-        try:
-            sha, new, etag, size = retry_call(
-                once, attempts=self.options.max_attempts, is_permanent=lambda e: not isinstance(e, _TRANSIENT)
-            )
-        except Exception as e:
-            if is_missing(e):
-                return {**base, "status": "missing", "attempts": attempts, "error": f"{uri}: deleted since the listing (404)"}
-            fatal = describe_error(e, uri=uri, options=self.options)
-            status = "fatal" if fatal else "failed"
-            if isinstance(e, OSError) and not isinstance(e, _TRANSIENT):
-                # Local disk problems (ENOSPC, EACCES) are fatal too: every further object would fail.
-                status, fatal = "fatal", f"writing the cache at {self.layout.root} failed: {e.strerror or e}; free space or pass --cache-dir"
-            return {**base, "status": status, "attempts": attempts, "error": fatal or f"{uri}: {type(e).__name__}: {e}"}
-        return {**base, "status": "fetched", "attempts": attempts, "sha256": sha, "new": new, "etag": etag, "size": size}
 
 
 class CachedImageDataset(Dataset):

@@ -1,17 +1,22 @@
 """The fetch stage: list a prefix, skip what the cache already holds, mirror the rest, pin a manifest.
 
-The mirroring itself is ``DSSDataset(load2memory=False)`` driven by a torch ``DataLoader`` (``workers``
-processes; worker ``i`` uses client ``i % clients``; each batch fetched concurrently by a thread pool).
-Workers record each finished batch in the key index; the main process writes the manifest once every
-object is accounted for, so a
-killed fetch leaves the previous manifest untouched and only complete blobs behind.
+Mirroring goes through :mod:`pipeline.mirror` (one event loop, ``--max-connections`` objects in flight,
+GETs by :mod:`pipeline.engines`). With ``workers=0`` (the default) that happens in this process and
+torch is never imported; with ``workers=N`` a torch ``DataLoader`` over ``DSSDataset(load2memory=False)``
+runs N processes, worker ``i`` using client ``i % clients``. Fetched objects are recorded in the key
+index as they finish; the manifest is written once every object is accounted for (after one syncfs
+when blobs are not fsynced one by one), so a killed fetch leaves the previous manifest untouched and
+only complete blobs behind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cache.atomic import remove_stale_temp_files
-from cache.blobs import hash_file
+from cache.blobs import BlobStore, hash_file, sync_filesystem
 from cache.index import KeyIndex
 from cache.gc import EvictionReport, enforce_cap
 from cache.layout import CacheLayout
@@ -29,6 +34,7 @@ from cache.manifest import ManifestRecord, write_manifest
 from cache.verify import GC_LOCK
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.listing import Listing
+from pipeline.mirror import MirrorRecord, MirrorStatus, ObjectRef, SyncPolicy, mirror_stream
 from pipeline.s3 import StorageError, list_objects
 from pipeline.shard import ShardSpec, shard_mask
 
@@ -53,7 +59,8 @@ class FetchConfig:
         max_cache_bytes: after the fetch, evict until blobs + packs fit (see :mod:`cache.gc`); a prefix
             larger than the cap fails before any download.
         endpoint_label: what the manifest records as endpoint (default: the endpoint URL or ``aws``).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (bytes in MB = 10^6 bytes, like the summary line).
+        sync: when blobs become durable (README "Guarantees"); the manifest is always written after.
         shard: mirror only this shard of the listing (:mod:`pipeline.shard`); the manifest records it
             as ``shard: "k/N"`` and gets its own file. None (or ``k/1``) means the whole listing.
     """
@@ -70,6 +77,7 @@ class FetchConfig:
     progress: bool = True
     max_cache_bytes: int | None = None
     shard: ShardSpec | None = None
+    sync: SyncPolicy = SyncPolicy.PER_BLOB
 
     def __post_init__(self) -> None:
         S3Uri.parse(self.prefix)
@@ -98,6 +106,7 @@ class FetchSummary:
     bytes_total: int = 0
     retries: int = 0
     list_s: float = 0.0
+    mirror_s: float = 0.0
     wall_s: float = 0.0
     errors: list[str] = field(default_factory=list)
     evicted: EvictionReport | None = None
@@ -117,16 +126,20 @@ class FetchSummary:
             "bytes_total": self.bytes_total,
             "retries": self.retries,
             "list_s": round(self.list_s, 3),
+            "mirror_s": round(self.mirror_s, 3),
             "wall_s": round(self.wall_s, 3),
         }
 
     def line(self) -> str:
-        wall = max(self.wall_s, 1e-9)
+        """One line; rates are over the mirroring time (not listing), MB = 10^6 bytes as in the bar."""
+        t = max(self.mirror_s, 1e-6)
+        rate = self.fetched / t if self.fetched else 0.0
+        rate_text = f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
         return (
             f"fetched {self.fetched}, already cached {self.cached}, missing {self.missing}, failed {self.failed} "
             f"objects; {self.bytes_fetched / 1e6:.1f} MB fetched of {self.bytes_total / 1e6:.1f} MB; "
-            f"{self.retries} retries; {self.wall_s:.2f} s wall; {self.fetched / wall:.0f} objects/s; "
-            f"{self.bytes_fetched / 1e6 / wall:.2f} MB/s"
+            f"{self.retries} retries; {self.wall_s:.2f} s wall ({self.mirror_s:.2f} s mirroring); "
+            f"{rate_text} objects/s; {self.bytes_fetched / 1e6 / t if self.fetched else 0.0:.2f} MB/s"
         )
 
 
@@ -134,7 +147,7 @@ class FetchSummary:
 class FetchResult:
     manifest: Path | None
     summary: FetchSummary
-    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    records: list[MirrorRecord] = field(default_factory=list, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -143,6 +156,12 @@ class FetchResult:
 
 def _keep_list(batch: list[Any]) -> list[Any]:
     return batch
+
+
+def _bar(total_bytes: int, enabled: bool) -> tqdm:
+    # unit_divisor 1000: the bar's MB are the summary line's MB (10^6 bytes).
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="fetch",
+                disable=not enabled, dynamic_ncols=True, smoothing=0.1)
 
 
 def _resolve_cached(listing: Listing, *, layout: CacheLayout, endpoint: str, bucket: str, verify: bool) -> list[str | None]:
@@ -154,12 +173,14 @@ def _resolve_cached(listing: Listing, *, layout: CacheLayout, endpoint: str, buc
         if sha is not None:
             path = layout.blob_path(sha)
             try:
-                # Marks the blob as used now (the LRU order of cache.gc) and proves it exists.
+                # Marks the blob as used now (the LRU order of cache.gc) and proves it exists with the
+                # listed size (a blob cut short by a power loss is fetched again).
                 os.utime(path)
+                complete = os.stat(path).st_size == int(listing.size[len(out)])
             except FileNotFoundError:
                 sha = None
             else:
-                sha = sha if not verify or hash_file(path) == sha else None
+                sha = sha if complete and (not verify or hash_file(path) == sha) else None
         out.append(sha)
     return out
 
@@ -176,31 +197,34 @@ def fetch(config: FetchConfig) -> FetchResult:
     """
     t0 = time.perf_counter()
     uri = S3Uri.parse(config.prefix)
-    layout = CacheLayout.at(config.cache_dir).create()
+    layout = CacheLayout.at(config.cache_dir)
+    # List before touching the disk: a bad bucket, an empty prefix or an unreachable endpoint leaves no
+    # cache skeleton behind.
+    list_stats: dict[str, int] = {}
+    listing = Listing.from_objects(list_objects(uri, config.options, limit=config.limit, stats=list_stats), prefix=uri.prefix)
+    if len(listing) == 0:
+        raise StorageError(f"no objects under {uri}; check PREFIX (keys are case-sensitive and the prefix is literal)")
+    layout.create()
     stale = remove_stale_temp_files(layout.tmp) + remove_stale_temp_files(layout.manifests)
     if stale:
         log.info("removed %d temp files left by killed runs", stale)
     # Shared GC lock for the whole run: an eviction (exclusive) never removes a blob this fetch has
     # counted as cached before its manifest is written.
     with cache_lock(layout, GC_LOCK, shared=True):
-        result = _fetch_locked(config, layout, uri, t0)
+        result = _fetch_locked(config, layout, uri, listing, list_stats, t0)
     if config.max_cache_bytes is not None and result.manifest is not None:
         result.summary.evicted = enforce_cap(layout, config.max_cache_bytes, keep=result.manifest)
     return result
 
 
-def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, t0: float) -> FetchResult:
+def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, listing: Listing, list_stats: dict[str, int],
+                  t0: float) -> FetchResult:
     options = config.options
     endpoint = config.endpoint_label or options.endpoint_label
     summary = FetchSummary()
-
-    list_stats: dict[str, int] = {}
-    listing = Listing.from_objects(list_objects(uri, options, limit=config.limit, stats=list_stats), prefix=uri.prefix)
     summary.retries += list_stats.get("retries", 0)
     summary.list_s = time.perf_counter() - t0
     summary.listed = len(listing)
-    if len(listing) == 0:
-        raise StorageError(f"no objects under {uri}; check PREFIX (keys are case-sensitive and the prefix is literal)")
     shard = config.shard if config.shard is not None and not config.shard.whole else None
     if shard is not None:
         # After labelling (folder classes are numbered over the whole listing, so every shard agrees)
@@ -215,21 +239,24 @@ def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, t0: floa
         )
 
     shas = _resolve_cached(listing, layout=layout, endpoint=endpoint, bucket=uri.bucket, verify=config.verify)
-    records: list[dict[str, Any] | None] = [None] * len(listing)
+    records: list[MirrorRecord | None] = [None] * len(listing)
     for i, sha in enumerate(shas):
         if sha is not None:
             summary.cached += 1
-            records[i] = {
-                "index": i, "key": listing.keys[i], "sha256": sha, "size": int(listing.size[i]),
-                "etag": listing.etags[i], "last_modified": listing.last_modified[i],
-                "label": int(listing.label[i]), "status": "cached",
-            }
+            records[i] = MirrorRecord(index=i, key=listing.keys[i], status=MirrorStatus.CACHED, size=int(listing.size[i]),
+                                      etag=listing.etags[i], last_modified=listing.last_modified[i],
+                                      label=int(listing.label[i]), sha256=sha)
     todo = np.array([i for i, sha in enumerate(shas) if sha is None], dtype=np.int64)
     if len(todo):
+        t_mirror = time.perf_counter()
         _mirror(config, uri, listing, todo, records, summary, layout=layout, endpoint=endpoint)
+        summary.mirror_s = time.perf_counter() - t_mirror
+        if config.sync is SyncPolicy.BEFORE_MANIFEST:
+            # The manifest never points at a blob a power loss could take away.
+            sync_filesystem(layout.objects)
 
-    kept = [r for r in records if r is not None and r["status"] in ("fetched", "cached")]
-    summary.bytes_total = sum(int(r["size"]) for r in kept)
+    kept = [r for r in records if r is not None and r.ok]
+    summary.bytes_total = sum(r.size for r in kept)
     summary.wall_s = time.perf_counter() - t0
     extra: dict[str, Any] = {"fetch": summary.to_json()}
     if listing.classes:
@@ -244,8 +271,8 @@ def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, t0: floa
         bucket=uri.bucket,
         prefix=uri.prefix,
         records=(
-            ManifestRecord(key=r["key"], sha256=r["sha256"], size=int(r["size"]), etag=r["etag"],
-                           last_modified=r["last_modified"], label=int(r["label"]))
+            ManifestRecord(key=r.key, sha256=r.sha256 or "", size=r.size, etag=r.etag,
+                           last_modified=r.last_modified, label=r.label)
             for r in kept
         ),
         extra=extra,
@@ -253,56 +280,94 @@ def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, t0: floa
     return FetchResult(manifest=path, summary=summary, records=[r for r in records if r is not None])
 
 
-def _mirror(config: FetchConfig, uri: S3Uri, listing: Listing, todo: np.ndarray, records: list[dict[str, Any] | None],
+def _mirror(config: FetchConfig, uri: S3Uri, listing: Listing, todo: np.ndarray, records: list[MirrorRecord | None],
             summary: FetchSummary, *, layout: CacheLayout, endpoint: str) -> None:
-    """Download the objects ``todo`` through a DataLoader over ``DSSDataset(load2memory=False)``."""
-    # torch is imported only when there is something to download: a no-op re-fetch and every error
-    # found while listing stay fast (importing torch costs seconds of CPU).
+    """Download the objects ``todo``: in this process (workers=0) or through DataLoader workers."""
+    sub = listing.subset(todo)
+    bar = _bar(int(sub.size.sum()), config.progress)
+    done = 0
+    try:
+        for rec in (_records_here if config.workers == 0 else _records_in_workers)(config, uri, sub, layout, endpoint):
+            i = int(todo[rec.index])
+            rec = dataclasses.replace(rec, index=i)
+            summary.retries += rec.retries
+            if rec.status is MirrorStatus.FATAL:
+                raise StorageError(rec.error or f"fetching {uri} failed")
+            if rec.status is MirrorStatus.FETCHED:
+                summary.fetched += 1
+                summary.bytes_fetched += rec.size
+            else:
+                summary.missing += rec.status is MirrorStatus.MISSING
+                summary.failed += rec.status is MirrorStatus.FAILED
+                summary.errors.append(rec.error or "")
+                log.warning("%s", rec.error)
+            records[i] = rec
+            done += 1
+            bar.update(int(listing.size[i]))
+            if done % 64 == 0 or done == len(todo):
+                bar.set_postfix_str(f"{done}/{len(todo)} objects", refresh=False)
+    finally:
+        bar.close()
+
+
+# Fetched objects are written to the key index in groups of this many (and at the end).
+_INDEX_EVERY = 64
+
+
+def _records_here(config: FetchConfig, uri: S3Uri, sub: Listing, layout: CacheLayout, endpoint: str) -> Iterator[MirrorRecord]:
+    """Mirror in this process on the event loop; no torch."""
+    from pipeline.engines import make_mirror, settings_for
+
+    store = BlobStore(layout)
+    settings = settings_for(config.options, sync=config.sync)
+    mirrors = [make_mirror(config.options, uri.bucket, store, client=c, settings=settings) for c in range(config.clients)]
+    refs = [ObjectRef(index=j, key=sub.keys[j], size=int(sub.size[j]), etag=sub.etags[j],
+                      last_modified=sub.last_modified[j], label=int(sub.label[j])) for j in range(len(sub))]
+    pending: list[tuple[str, str, int, str]] = []
+    with KeyIndex(layout) as index:
+        stream = mirror_stream(mirrors, refs)
+        try:
+            for rec in stream:
+                if rec.status is MirrorStatus.FETCHED:
+                    pending.append((rec.key, rec.etag, rec.size, rec.sha256 or ""))
+                    if len(pending) >= _INDEX_EVERY:
+                        _put_index(index, endpoint, uri.bucket, pending)
+                yield rec
+        finally:
+            stream.close()
+            _put_index(index, endpoint, uri.bucket, pending)
+
+
+def _put_index(index: KeyIndex, endpoint: str, bucket: str, pending: list[tuple[str, str, int, str]]) -> None:
+    if not pending:
+        return
+    try:
+        index.put_many(endpoint, bucket, list(pending))
+    except (sqlite3.Error, OSError) as e:
+        # The blobs are safe; a missing index entry only costs a GET on the next run.
+        log.warning("key index not updated for %d objects (%s)", len(pending), e)
+    pending.clear()
+
+
+def _records_in_workers(config: FetchConfig, uri: S3Uri, sub: Listing, layout: CacheLayout, endpoint: str) -> Iterator[MirrorRecord]:
+    """Mirror through a DataLoader over ``DSSDataset(load2memory=False)`` (imports torch)."""
     from torch.utils.data import DataLoader
 
     from pipeline.datasets import DSSDataset
+    from pipeline.engines import obstore_started_here
 
-    sub = listing.subset(todo)
     dataset = DSSDataset(str(uri), options=config.options, client_num=config.clients, load2memory=False,
-                         cache_dir=layout.root, listing=sub, endpoint_label=endpoint)
+                         cache_dir=layout.root, listing=sub, endpoint_label=endpoint, sync=config.sync)
     loader = DataLoader(
         dataset,
         batch_size=config.batch,
         shuffle=False,
         num_workers=config.workers,
         collate_fn=_keep_list,
-        # Enough batches queued per worker that its thread pool never waits on the main process.
-        prefetch_factor=4 if config.workers else None,
+        # Enough batches queued per worker that its event loop never waits on the main process.
+        prefetch_factor=4,
+        # obstore's runtime does not survive a fork: once it ran here, workers are spawned.
+        multiprocessing_context="spawn" if obstore_started_here() else None,
     )
-    total_bytes = int(sub.size.sum())
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="fetch",
-               disable=not config.progress, dynamic_ncols=True, smoothing=0.1)
-    done = 0
-    try:
-        for batch in loader:
-            batch_bytes = 0
-            for rec in batch:
-                batch_bytes += int(sub.size[rec["index"]])
-                i = int(todo[rec["index"]])
-                rec["index"] = i
-                status = rec["status"]
-                summary.retries += max(0, int(rec.get("attempts", 1)) - 1)
-                if status == "fatal":
-                    raise StorageError(rec["error"])
-                if status == "fetched":
-                    summary.fetched += 1
-                    summary.bytes_fetched += int(rec["size"])
-                elif status == "missing":
-                    summary.missing += 1
-                    summary.errors.append(rec["error"])
-                    log.warning("%s", rec["error"])
-                else:
-                    summary.failed += 1
-                    summary.errors.append(rec["error"])
-                    log.warning("%s", rec["error"])
-                records[i] = rec
-            done += len(batch)
-            bar.update(batch_bytes)
-            bar.set_postfix_str(f"{done}/{len(todo)} objects", refresh=False)
-    finally:
-        bar.close()
+    for batch in loader:
+        yield from batch

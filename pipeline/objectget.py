@@ -99,15 +99,15 @@ class DirectGetter:
             return f"{parts.scheme}://{parts.netloc}", f"{parts.path}/{bucket}/{quoted}"
         return f"{parts.scheme}://{bucket}.{parts.netloc}", f"{parts.path}/{quoted}"
 
-    def open(self, bucket: str, key: str) -> ObjectBody:
+    def open(self, bucket: str, key: str, headers: dict[str, str] | None = None) -> ObjectBody:
         origin, path = self._target(bucket, key)
-        request = AWSRequest(method="GET", url=origin + path, headers={})
+        request = AWSRequest(method="GET", url=origin + path, headers=dict(headers or {}))
         S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self._region).add_auth(request)
         # ConnectionPool.urlopen sends the target as given; PoolManager.request would normalise it.
         pool = self._pool.connection_from_url(origin)
         resp = pool.urlopen("GET", path, headers=dict(request.headers.items()), preload_content=False,
                             decode_content=False, redirect=False, retries=False, assert_same_host=False)
-        if resp.status != 200:
+        if resp.status not in (200, 206):
             body = resp.read(64 * 1024)
             resp.release_conn()
             raise _client_error(resp.status, body)
@@ -119,13 +119,19 @@ class DirectGetter:
 _getters: PerProcess[DirectGetter] = PerProcess()
 
 
-def open_object(options: ClientOptions, client: Any, index: int, bucket: str, key: str) -> ObjectBody:
-    """Start a GET of ``bucket/key`` with client ``index`` of this process."""
+def open_object(options: ClientOptions, client: Any, index: int, bucket: str, key: str,
+                headers: dict[str, str] | None = None) -> ObjectBody:
+    """Start a GET of ``bucket/key`` with client ``index`` of this process (``headers``: Range, If-Match)."""
     if options.retry_mode == "adaptive":
-        resp = client.get_object(Bucket=bucket, Key=key)
+        extra = {}
+        if headers and "Range" in headers:
+            extra["Range"] = headers["Range"]
+        if headers and "If-Match" in headers:
+            extra["IfMatch"] = headers["If-Match"]
+        resp = client.get_object(Bucket=bucket, Key=key, **extra)
         body = resp["Body"]
         return ObjectBody(content_length=int(resp["ContentLength"]), etag=resp.get("ETag", ""),
                           _chunks=body.iter_chunks(CHUNK), _release=body.close,
                           retries=int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0))
     getter = _getters.get((options, index), lambda: DirectGetter(options, client))
-    return getter.open(bucket, key)
+    return getter.open(bucket, key, headers)

@@ -1,7 +1,7 @@
 """``verify --repair``: fetch again the blobs that verification found missing or corrupted.
 
 Each manifest says where its objects came from (endpoint, bucket); the objects are downloaded through
-the same mirroring code as ``fetch`` and accepted only if they hash to the digest the manifest pinned.
+the same mirror as ``fetch`` (:mod:`pipeline.mirror`) and accepted only if they hash to the digest the manifest pinned.
 An object that changed on the server since then cannot repair that manifest: a new fetch is needed.
 """
 
@@ -15,14 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from cache.blobs import BlobStore
 from cache.layout import CacheLayout
-from cache.manifest import StringArray, load_manifest
+from cache.manifest import load_manifest
 from cache.verify import Problem
 from pipeline.config import ClientOptions
-from pipeline.datasets import DSSDataset
-from pipeline.listing import Listing
+from pipeline.engines import make_mirror
+from pipeline.mirror import MirrorStatus, ObjectRef, mirror_all
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,7 @@ def _endpoint_for(header_endpoint: str, override: str | None, demo_count: int) -
 def repair(layout: CacheLayout, problems: list[Problem], *, options: ClientOptions, endpoint: str | None = None) -> RepairReport:
     """Download every problem blob again; a blob is repaired only if it hashes to the pinned digest."""
     report = RepairReport()
+    store = BlobStore(layout)
     by_manifest: dict[Path, list[Problem]] = defaultdict(list)
     for p in problems:
         by_manifest[p.manifest].append(p)
@@ -63,28 +63,19 @@ def repair(layout: CacheLayout, problems: list[Problem], *, options: ClientOptio
         probs = [p for p in probs if p.sha256 not in done]
         if not probs:
             continue
-        idx = np.array([p.index for p in probs], dtype=np.int64)
-        listing = Listing(
-            prefix=h.prefix,
-            keys=StringArray.from_strings([m.keys[int(i)] for i in idx]),
-            etags=StringArray.from_strings([m.etags[int(i)] for i in idx]),
-            last_modified=StringArray.from_strings([""] * len(idx)),
-            size=m.size[idx],
-            label=m.label[idx],
-        )
+        refs = [ObjectRef(index=j, key=m.keys[p.index], size=int(m.size[p.index]), etag=m.etags[p.index],
+                          label=int(m.label[p.index])) for j, p in enumerate(probs)]
         demo_count = int((h.extra.get("fetch") or {}).get("listed", h.count))
         with _endpoint_for(h.endpoint, endpoint, demo_count) as url:
             opts = dataclasses.replace(options, endpoint=url)
-            ds = DSSDataset(f"s3://{h.bucket}/{h.prefix}", options=opts, load2memory=False, cache_dir=layout.root,
-                            listing=listing, endpoint_label=h.endpoint)
-            records = ds.__getitems__(list(range(len(idx))))
+            records = mirror_all([make_mirror(opts, h.bucket, store)], refs)
         for prob, rec in zip(probs, records):
             uri = f"s3://{h.bucket}/{prob.key}"
-            if rec["status"] == "fetched" and rec["sha256"] == prob.sha256:
+            if rec.status is MirrorStatus.FETCHED and rec.sha256 == prob.sha256:
                 report.repaired += 1
                 done.add(prob.sha256)
-            elif rec["status"] == "fetched":
+            elif rec.status is MirrorStatus.FETCHED:
                 report.failed.append(f"{uri} changed on the server since {path.name} was written; run `make fetch` for a new manifest")
             else:
-                report.failed.append(rec["error"])
+                report.failed.append(rec.error or f"{uri}: {rec.status.value}")
     return report

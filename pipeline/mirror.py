@@ -1,0 +1,438 @@
+"""Bring one object into the cache: the one place where a GET becomes a checked, content-addressed blob.
+
+``fetch``, ``verify --repair`` and ``DSSDataset(load2memory=False)`` all go through :class:`Mirror`. It
+takes a *getter* (the GET engine, :mod:`pipeline.engines`; unit tests pass a fake one) and a
+:class:`~cache.blobs.BlobStore`, runs many objects concurrently on an asyncio event loop, and returns
+one typed :class:`MirrorRecord` per object. The body checks live in :mod:`cache.checks`.
+
+* Small objects (below ``MirrorSettings.large_threshold``): one GET, hashed as it arrives.
+* Large objects: a HEAD (size, ETag, S3 additional checksum), then concurrent ranged GETs written at
+  their offsets in the temp file (``If-Match`` the ETag, so every part comes from one version), hashed
+  from the page cache as the contiguous prefix grows: memory stays at the chunks in flight.
+
+Retries: transient failures (5xx/429, resets, stalls past ``read_timeout``, bodies cut short or failing
+a check) are retried with full-jitter backoff up to ``max_attempts`` per object (per part for large
+objects) within a time budget; 403/404 and other permanent answers never are. This module imports
+neither boto3 nor torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cache.blobs import BlobStore
+from cache.checks import BodyCheckError, Checksum, Expected
+
+log = logging.getLogger(__name__)
+
+
+class MirrorStatus(enum.Enum):
+    """What became of one object."""
+
+    FETCHED = "fetched"  # downloaded and checked; its blob is in the cache
+    CACHED = "cached"  # the cache already held it (decided by the caller, e.g. the key index)
+    MISSING = "missing"  # gone since the listing (404)
+    FAILED = "failed"  # this object failed after its retries; others may still succeed
+    FATAL = "fatal"  # a problem every object would hit (credentials, bucket, endpoint, local disk)
+
+
+class FailureKind(enum.Enum):
+    TRANSIENT = "transient"  # a later attempt may succeed
+    MISSING = "missing"  # 404 NoSuchKey: never retried
+    FATAL = "fatal"  # never retried; stops the whole fetch
+    PERMANENT = "permanent"  # never retried; only this object fails
+
+
+class GetFailure(Exception):
+    """A getter's failure, classified.
+
+    Attributes:
+        kind: how the mirror treats it.
+        message: one line for the user (no credentials).
+        exhausted: the status when a TRANSIENT failure outlives its retries (FATAL for an endpoint that
+            never answers, FAILED otherwise).
+    """
+
+    def __init__(self, kind: FailureKind, message: str, *, exhausted: MirrorStatus = MirrorStatus.FAILED) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.exhausted = exhausted
+
+
+class Body(Protocol):
+    """An open GET response."""
+
+    size: int  # Content-Length of this response
+    etag: str
+
+    def chunks(self) -> AsyncIterator[bytes | memoryview]: ...
+
+
+class Getter(Protocol):
+    """A GET engine for one bucket (see :mod:`pipeline.engines`)."""
+
+    bucket: str
+
+    async def get(self, key: str, *, byte_range: tuple[int, int] | None = None, if_match: str | None = None) -> Body: ...
+
+    async def head(self, key: str) -> Expected: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectRef:
+    """One listed object to mirror."""
+
+    index: int
+    key: str
+    size: int
+    etag: str = ""
+    last_modified: str = ""
+    label: int = -1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MirrorRecord:
+    """The outcome for one object; ``sha256`` is set for FETCHED and CACHED."""
+
+    index: int
+    key: str
+    status: MirrorStatus
+    size: int
+    etag: str
+    last_modified: str = ""
+    label: int = -1
+    sha256: str | None = None
+    new: bool = False
+    attempts: int = 0
+    error: str | None = None
+    client: int = 0
+    worker: int = -1
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (MirrorStatus.FETCHED, MirrorStatus.CACHED)
+
+    @property
+    def retries(self) -> int:
+        return max(0, self.attempts - 1)
+
+
+class SyncPolicy(enum.Enum):
+    """When blobs become durable (see README "Guarantees")."""
+
+    PER_BLOB = "per-blob"  # fsync every blob before its rename
+    BEFORE_MANIFEST = "before-manifest"  # one syncfs of the cache filesystem before the manifest is written
+
+
+@dataclass(frozen=True, kw_only=True)
+class MirrorSettings:
+    """The mirror's knobs, each default in one place.
+
+    Attributes:
+        concurrency: objects in flight per process (``--max-connections``).
+        max_attempts: attempts per object (per part for ranged GETs), first try included.
+        read_timeout: seconds without an answer or a byte before an attempt fails.
+        budget_s: no retry starts after this many seconds on one object.
+        large_threshold: objects of at least this many bytes are fetched with ranged GETs.
+        part_size: bytes per ranged GET.
+        parts_in_flight: ranged GETs in flight per large object.
+        sync: durability policy.
+    """
+
+    concurrency: int = 128
+    max_attempts: int = 4
+    read_timeout: float = 10.0
+    budget_s: float = 60.0
+    backoff_base_s: float = 0.2
+    backoff_cap_s: float = 5.0
+    large_threshold: int = 16 << 20
+    part_size: int = 8 << 20
+    parts_in_flight: int = 8
+    sync: SyncPolicy = SyncPolicy.PER_BLOB
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.concurrency <= 4096:
+            raise ValueError(f"concurrency={self.concurrency} must be between 1 and 4096 (--max-connections)")
+        if self.part_size < 1 << 20 or self.large_threshold < self.part_size:
+            raise ValueError("part_size must be >= 1 MiB and large_threshold >= part_size")
+
+
+_TRANSIENT_LOCAL = (BodyCheckError, asyncio.TimeoutError, TimeoutError, ConnectionError)
+
+
+class _Attempts:
+    def __init__(self) -> None:
+        self.n = 0
+
+
+class Mirror:
+    """Mirror objects of one bucket into ``store`` through ``getter`` (both owned by the caller)."""
+
+    def __init__(self, store: BlobStore, getter: Getter, settings: MirrorSettings, *, client: int = 0,
+                 worker: int = -1, cache_root: str = "") -> None:
+        self.store = store
+        self.getter = getter
+        self.settings = settings
+        self.client = client
+        self.worker = worker
+        self._cache_root = cache_root or str(store.layout.root)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.getter.bucket}/{key}"
+
+    # -- one object --------------------------------------------------------------------------------
+
+    async def one(self, ref: ObjectRef) -> MirrorRecord:
+        """Mirror ``ref``; never raises for storage problems (they come back as the record's status)."""
+        tries = _Attempts()
+        base = dict(index=ref.index, key=ref.key, size=ref.size, etag=ref.etag, last_modified=ref.last_modified,
+                    label=ref.label, client=self.client, worker=self.worker)
+        try:
+            if ref.size >= self.settings.large_threshold:
+                sha, new, etag, size = await self._large(ref, tries)
+            else:
+                sha, new, etag, size = await self._retrying(lambda: self._small(ref), tries)
+        except GetFailure as e:
+            status = {FailureKind.MISSING: MirrorStatus.MISSING, FailureKind.FATAL: MirrorStatus.FATAL,
+                      FailureKind.PERMANENT: MirrorStatus.FAILED}.get(e.kind, e.exhausted)
+            error = f"{self.uri(ref.key)}: deleted since the listing (404)" if status is MirrorStatus.MISSING else e.message
+            return MirrorRecord(**base, status=status, attempts=tries.n, error=error)
+        except _TRANSIENT_LOCAL as e:
+            return MirrorRecord(**base, status=MirrorStatus.FAILED, attempts=tries.n, error=_one_line(self.uri(ref.key), e))
+        except OSError as e:
+            # Local disk problems (ENOSPC, EACCES) are fatal: every further object would fail too.
+            return MirrorRecord(**base, status=MirrorStatus.FATAL, attempts=tries.n,
+                                error=f"writing the cache at {self._cache_root} failed: {e.strerror or e}; free space or pass --cache-dir")
+        return MirrorRecord(**{**base, "etag": etag, "size": size}, status=MirrorStatus.FETCHED, attempts=tries.n, sha256=sha, new=new)
+
+    async def _retrying(self, attempt: Callable[[], Any], tries: _Attempts) -> Any:
+        s = self.settings
+        deadline = time.monotonic() + s.budget_s
+        while True:
+            tries.n += 1
+            try:
+                return await attempt()
+            except GetFailure as e:
+                if e.kind is not FailureKind.TRANSIENT or not self._may_retry(tries.n, deadline):
+                    raise
+                log.debug("retrying %s: %s", self.uri(""), e.message)
+            except _TRANSIENT_LOCAL as e:
+                if not self._may_retry(tries.n, deadline):
+                    raise
+                log.debug("retrying after %s: %s", type(e).__name__, e)
+            await asyncio.sleep(random.uniform(0, min(s.backoff_cap_s, s.backoff_base_s * 2**tries.n)))
+
+    def _may_retry(self, n: int, deadline: float) -> bool:
+        return n < self.settings.max_attempts and time.monotonic() < deadline
+
+    async def _timed(self, aw: Any) -> Any:
+        return await asyncio.wait_for(aw, self.settings.read_timeout)
+
+    async def _small(self, ref: ObjectRef) -> tuple[str, bool, str, int]:
+        body = await self._timed(self.getter.get(ref.key))
+        writer = self.store.writer(expected=Expected(size=body.size, etag=body.etag), label=self.uri(ref.key),
+                                   fsync=self.settings.sync is SyncPolicy.PER_BLOB)
+        try:
+            chunks = body.chunks().__aiter__()
+            while True:
+                try:
+                    chunk = await self._timed(chunks.__anext__())
+                except StopAsyncIteration:
+                    break
+                writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        if self.settings.sync is SyncPolicy.PER_BLOB:
+            sha, new = await asyncio.get_running_loop().run_in_executor(None, writer.commit)
+        else:
+            sha, new = writer.commit()
+        return sha, new, body.etag, body.size
+
+    async def _large(self, ref: ObjectRef, tries: _Attempts) -> tuple[str, bool, str, int]:
+        async def whole() -> tuple[str, bool, str, int]:
+            head: Expected = await self._timed(self.getter.head(ref.key))
+            return await self._ranged(ref, head, tries)
+
+        return await self._retrying(whole, tries)
+
+    async def _ranged(self, ref: ObjectRef, head: Expected, tries: _Attempts) -> tuple[str, bool, str, int]:
+        s = self.settings
+        size, etag = int(head.size or 0), head.etag or ""
+        loop = asyncio.get_running_loop()
+        writer = self.store.writer(expected=head, label=self.uri(ref.key), fsync=s.sync is SyncPolicy.PER_BLOB)
+        starts = list(range(0, size, s.part_size))
+        done: set[int] = set()
+        gate = asyncio.Semaphore(s.parts_in_flight)
+        hashing: asyncio.Future[None] | None = None
+
+        def frontier() -> int:
+            end = 0
+            for st in starts:
+                if st not in done:
+                    break
+                end = min(st + s.part_size, size)
+            return end
+
+        async def part(start: int) -> None:
+            nonlocal hashing
+            end = min(start + s.part_size, size)
+
+            async def fetch_part() -> None:
+                body = await self._timed(self.getter.get(ref.key, byte_range=(start, end), if_match=etag or None))
+                pos = start
+                chunks = body.chunks().__aiter__()
+                while True:
+                    try:
+                        chunk = await self._timed(chunks.__anext__())
+                    except StopAsyncIteration:
+                        break
+                    if pos + len(chunk) > end:
+                        raise BodyCheckError(f"{self.uri(ref.key)}: range {start}-{end} answered with more bytes")
+                    await loop.run_in_executor(None, writer.write_at, pos, chunk)
+                    pos += len(chunk)
+                if pos != end:
+                    raise BodyCheckError(f"{self.uri(ref.key)}: range {start}-{end} got {pos - start} bytes")
+
+            async with gate:
+                part_tries = _Attempts()
+                await self._retrying(fetch_part, part_tries)
+                tries.n += part_tries.n - 1
+            done.add(start)
+            if hashing is None or hashing.done():
+                hashing = loop.run_in_executor(None, writer.hash_through, frontier())
+
+        try:
+            await asyncio.gather(*(part(st) for st in starts))
+            if hashing is not None:
+                await hashing
+            sha, new = await loop.run_in_executor(None, writer.commit)
+        except BaseException:
+            if hashing is not None:
+                await asyncio.gather(hashing, return_exceptions=True)
+            writer.abort()
+            raise
+        return sha, new, etag, size
+
+    # -- many objects ------------------------------------------------------------------------------
+
+    async def many(self, refs: Iterable[ObjectRef], emit: Callable[[MirrorRecord], None]) -> None:
+        """Mirror ``refs`` with at most ``settings.concurrency`` in flight; ``emit`` each record as it ends.
+
+        A FATAL record stops the launching of further objects (those in flight still finish).
+        """
+        gate = asyncio.Semaphore(self.settings.concurrency)
+        stop = False
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def run(ref: ObjectRef) -> None:
+            nonlocal stop
+            try:
+                rec = await self.one(ref)
+                if rec.status is MirrorStatus.FATAL:
+                    stop = True
+                emit(rec)
+            finally:
+                gate.release()
+
+        for ref in refs:
+            await gate.acquire()
+            if stop:
+                gate.release()
+                break
+            t = asyncio.ensure_future(run(ref))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*list(tasks))
+
+
+def _one_line(uri: str, e: BaseException) -> str:
+    if isinstance(e, BodyCheckError):
+        return str(e)
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+        return f"{uri}: no answer within the read timeout (all attempts)"
+    return f"{uri}: {type(e).__name__}: {e}"
+
+
+# -- the event loop of this process ------------------------------------------------------------------
+
+
+class _LoopThread:
+    """One asyncio loop in a daemon thread per process (made on first use, never crossing a fork)."""
+
+    _lock = threading.Lock()
+    _current: tuple[int, _LoopThread] | None = None
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tess-mirror-loop", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def get(cls) -> _LoopThread:
+        cur = cls._current
+        if cur is None or cur[0] != os.getpid():
+            with cls._lock:
+                cur = cls._current
+                if cur is None or cur[0] != os.getpid():
+                    cls._current = cur = (os.getpid(), _LoopThread())
+        return cur[1]
+
+
+def mirror_stream(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef], *, pick: Callable[[int], int] | None = None) -> Iterator[MirrorRecord]:
+    """Mirror ``refs`` on this process's event loop; yield records in completion order.
+
+    ``refs[j]`` goes through ``mirrors[pick(j)]`` (default: round robin, so requests spread over the
+    clients). Closing the iterator early cancels what is still running.
+    """
+    if not refs:
+        return
+    pick = pick or (lambda j: j % len(mirrors))
+    out: queue.SimpleQueue[MirrorRecord | BaseException | None] = queue.SimpleQueue()
+    groups: dict[int, list[ObjectRef]] = {}
+    for j, ref in enumerate(refs):
+        groups.setdefault(pick(j), []).append(ref)
+
+    async def main() -> None:
+        try:
+            await asyncio.gather(*(mirrors[m].many(g, out.put) for m, g in groups.items()))
+            out.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
+            out.put(e)
+
+    fut = asyncio.run_coroutine_threadsafe(main(), _LoopThread.get().loop)
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if not fut.done():
+            fut.cancel()
+
+
+def mirror_all(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef]) -> list[MirrorRecord]:
+    """Mirror ``refs``; the records in the order of ``refs``."""
+    by_index = {r.index: r for r in mirror_stream(mirrors, refs)}
+    return [by_index[r.index] for r in refs if r.index in by_index]
+
+
+__all__ = [
+    "Body", "Checksum", "FailureKind", "GetFailure", "Getter", "Mirror", "MirrorRecord", "MirrorSettings",
+    "MirrorStatus", "ObjectRef", "SyncPolicy", "mirror_all", "mirror_stream",
+]
