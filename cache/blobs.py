@@ -48,7 +48,7 @@ class BlobWriter:
         self._fsync = fsync
         self._ranged = False
         self.tmp_path = temp_path_for(store.layout.tmp)
-        self._f = open(self.tmp_path, "xb")
+        self._f = open(self.tmp_path, "x+b")  # readable too: ranged bodies are hashed back from it
 
     def write(self, chunk: bytes | memoryview) -> None:
         self._f.write(chunk)

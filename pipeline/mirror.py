@@ -310,15 +310,22 @@ class Mirror:
                 await self._retrying(fetch_part, part_tries)
                 tries.n += part_tries.n - 1
             done.add(start)
+            if hashing is not None and hashing.done():
+                hashing.result()  # a read error of the temp file surfaces here
             if hashing is None or hashing.done():
                 hashing = loop.run_in_executor(None, writer.hash_through, frontier())
 
+        tasks = [asyncio.ensure_future(part(st)) for st in starts]
         try:
-            await asyncio.gather(*(part(st) for st in starts))
+            await asyncio.gather(*tasks)
             if hashing is not None:
                 await hashing
             sha, new = await loop.run_in_executor(None, writer.commit)
         except BaseException:
+            # No part may write into the temp file once it is removed.
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if hashing is not None:
                 await asyncio.gather(hashing, return_exceptions=True)
             writer.abort()

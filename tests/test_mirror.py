@@ -1,0 +1,268 @@
+"""The mirror with a fake getter (no server): records, checks, retries, ranged GETs, durability policy.
+
+Plus the few end-to-end facts that belong to the fetch stage around it: ``-w 0`` never imports torch,
+a failed fetch leaves no cache skeleton, the bar and the summary agree on units, and one object is not
+reported at "0 objects/s".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import random
+import sys
+import zlib
+from dataclasses import dataclass
+
+import pytest
+
+from cache import CacheLayout
+from cache.blobs import BlobStore, hash_file
+from cache.checks import Checksum, ChecksumAlgorithm, Expected
+from pipeline.mirror import (FailureKind, GetFailure, Mirror, MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef,
+                             SyncPolicy, mirror_all)
+from tests.helpers import run_cli
+
+BUCKET = "fake"
+
+
+def _md5_etag(data: bytes) -> str:
+    return f'"{hashlib.md5(data).hexdigest()}"'
+
+
+@dataclass
+class _Body:
+    size: int
+    etag: str
+    parts: list[bytes]
+
+    async def chunks(self):
+        for p in self.parts:
+            yield p
+
+
+class FakeGetter:
+    """Objects in a dict; ``faults[key]`` is a list of what the next GETs do (popped one per GET)."""
+
+    bucket = BUCKET
+
+    def __init__(self, objects: dict[str, bytes], *, checksums: dict[str, Checksum] | None = None) -> None:
+        self.objects = objects
+        self.checksums = checksums or {}
+        self.faults: dict[str, list[str]] = {}
+        self.gets: list[tuple[str, tuple[int, int] | None]] = []
+        self.heads = 0
+        self.never = asyncio.Event  # a stall waits on an event nobody sets
+
+    async def get(self, key, *, byte_range=None, if_match=None):
+        self.gets.append((key, byte_range))
+        fault = self.faults.get(key, []).pop(0) if self.faults.get(key) else None
+        if fault == "503":
+            raise GetFailure(FailureKind.TRANSIENT, f"s3://{BUCKET}/{key}: SlowDown (503)")
+        if fault == "404" or key not in self.objects:
+            raise GetFailure(FailureKind.MISSING, f"s3://{BUCKET}/{key}: 404")
+        if fault == "403":
+            raise GetFailure(FailureKind.FATAL, f"s3://{BUCKET}/{key}: access denied (AccessDenied)")
+        if fault == "stall":
+            await asyncio.Event().wait()
+        data = self.objects[key]
+        start, end = byte_range or (0, len(data))
+        body = data[start:end]
+        size = len(body)
+        if fault == "truncate":
+            body = body[: size // 2]
+        if fault == "corrupt":
+            body = bytes([body[0] ^ 1]) + body[1:]
+        # Sent in 3 pieces, as a network would.
+        cut = [0, len(body) // 3, 2 * len(body) // 3, len(body)]
+        return _Body(size, _md5_etag(data), [body[a:b] for a, b in zip(cut, cut[1:])])
+
+    async def head(self, key):
+        self.heads += 1
+        data = self.objects[key]
+        return Expected(size=len(data), etag=_md5_etag(data), checksum=self.checksums.get(key))
+
+
+def _settings(**kw) -> MirrorSettings:
+    kw.setdefault("backoff_base_s", 0.001)
+    kw.setdefault("backoff_cap_s", 0.002)
+    return MirrorSettings(**kw)
+
+
+def _ref(i: int, key: str, data: bytes) -> ObjectRef:
+    return ObjectRef(index=i, key=key, size=len(data), etag=_md5_etag(data), label=i % 3)
+
+
+def _run(mirror: Mirror, objects: dict[str, bytes]) -> list[MirrorRecord]:
+    return mirror_all([mirror], [_ref(i, k, v) for i, (k, v) in enumerate(objects.items())])
+
+
+@pytest.fixture
+def store(tmp_path) -> BlobStore:
+    return BlobStore(CacheLayout(root=tmp_path / "cache"))
+
+
+def _no_temp_files(store: BlobStore) -> bool:
+    return list(store.layout.tmp.iterdir()) == []
+
+
+def test_fetched_records_are_typed_and_blobs_hold_the_bytes(store):
+    objects = {f"k{i}": random.Random(i).randbytes(100 + i) for i in range(50)}
+    recs = _run(Mirror(store, FakeGetter(objects), _settings(concurrency=7)), objects)
+    assert [r.key for r in recs] == list(objects)
+    for r, (key, data) in zip(recs, objects.items()):
+        assert r.status is MirrorStatus.FETCHED and r.attempts == 1 and r.retries == 0
+        assert r.sha256 == hashlib.sha256(data).hexdigest() and r.size == len(data) and r.new
+        assert store.path(r.sha256).read_bytes() == data
+    assert _no_temp_files(store)
+
+
+@pytest.mark.parametrize("fault", ["503", "truncate", "corrupt", "stall"])
+def test_transient_faults_are_retried_and_counted(store, fault):
+    data = b"x" * 1000
+    getter = FakeGetter({"a": data})
+    getter.faults["a"] = [fault, fault]
+    (rec,) = _run(Mirror(store, getter, _settings(read_timeout=0.2)), {"a": data})
+    assert rec.status is MirrorStatus.FETCHED, rec.error
+    assert rec.attempts == 3 == len(getter.gets) and rec.retries == 2
+    assert store.verify(rec.sha256) and _no_temp_files(store)
+
+
+def test_a_body_that_stays_corrupt_fails_with_its_md5_and_leaves_nothing(store):
+    data = b"y" * 500
+    getter = FakeGetter({"a": data})
+    getter.faults["a"] = ["corrupt"] * 10
+    (rec,) = _run(Mirror(store, getter, _settings(max_attempts=3)), {"a": data})
+    assert rec.status is MirrorStatus.FAILED and rec.attempts == 3
+    assert "MD5" in rec.error and "does not match ETag" in rec.error
+    assert _no_temp_files(store) and not any(store.layout.objects.rglob("*/*/*"))
+
+
+@pytest.mark.parametrize(("fault", "status"), [("404", MirrorStatus.MISSING), ("403", MirrorStatus.FATAL)])
+def test_permanent_answers_are_never_retried(store, fault, status):
+    getter = FakeGetter({"a": b"1"})
+    getter.faults["a"] = [fault]
+    (rec,) = _run(Mirror(store, getter, _settings()), {"a": b"1"})
+    assert rec.status is status and len(getter.gets) == 1 and rec.attempts == 1
+
+
+def test_a_fatal_record_stops_launching_more_objects(store):
+    objects = {f"k{i:03d}": b"z%d" % i for i in range(200)}
+    getter = FakeGetter(objects)
+    getter.faults["k000"] = ["403"]
+    recs = _run(Mirror(store, getter, _settings(concurrency=4)), objects)
+    assert recs[0].status is MirrorStatus.FATAL
+    assert len(getter.gets) < 20, len(getter.gets)
+
+
+def test_large_objects_use_ranged_gets_and_check_the_additional_checksum(store):
+    data = random.Random(1).randbytes(5 * (1 << 20) + 123)
+    crc = base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    getter = FakeGetter({"big": data}, checksums={"big": Checksum(ChecksumAlgorithm.CRC32, crc)})
+    settings = _settings(large_threshold=2 << 20, part_size=1 << 20, parts_in_flight=3)
+    (rec,) = _run(Mirror(store, getter, settings), {"big": data})
+    assert rec.status is MirrorStatus.FETCHED, rec.error
+    assert hash_file(store.path(rec.sha256)) == hashlib.sha256(data).hexdigest()
+    assert getter.heads == 1
+    ranges = sorted(r for _, r in getter.gets)
+    assert ranges == [(s, min(s + (1 << 20), len(data))) for s in range(0, len(data), 1 << 20)]
+
+
+def test_a_large_object_whose_checksum_differs_fails(store):
+    data = random.Random(2).randbytes(3 << 20)
+    wrong = base64.b64encode(b"\0\0\0\0").decode()
+    getter = FakeGetter({"big": data}, checksums={"big": Checksum(ChecksumAlgorithm.CRC32, wrong)})
+    settings = _settings(large_threshold=2 << 20, part_size=1 << 20, max_attempts=2)
+    (rec,) = _run(Mirror(store, getter, settings), {"big": data})
+    assert rec.status is MirrorStatus.FAILED and "CRC32" in rec.error
+    assert _no_temp_files(store)
+
+
+def test_a_cut_range_is_retried_alone(store):
+    data = random.Random(3).randbytes(4 << 20)
+    getter = FakeGetter({"big": data})
+    getter.faults["big"] = ["truncate"]  # the first ranged GET is cut short
+    settings = _settings(large_threshold=2 << 20, part_size=1 << 20, parts_in_flight=1)
+    (rec,) = _run(Mirror(store, getter, settings), {"big": data})
+    assert rec.status is MirrorStatus.FETCHED and rec.retries == 1
+    assert len(getter.gets) == 4 + 1 and store.verify(rec.sha256)
+
+
+@pytest.mark.parametrize(("policy", "fsyncs"), [(SyncPolicy.PER_BLOB, 5), (SyncPolicy.BEFORE_MANIFEST, 0)])
+def test_sync_policy_decides_per_blob_fsync(store, monkeypatch, policy, fsyncs):
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    objects = {f"k{i}": b"d%d" % i for i in range(5)}
+    recs = _run(Mirror(store, FakeGetter(objects), _settings(sync=policy)), objects)
+    assert all(r.status is MirrorStatus.FETCHED for r in recs)
+    assert len(calls) == fsyncs
+
+
+def test_thread_pool_size_is_honoured_per_size():
+    from pipeline.datasets import _thread_pool
+
+    assert _thread_pool(2)._max_workers == 2
+    assert _thread_pool(5)._max_workers == 5
+    assert _thread_pool(2) is _thread_pool(2)
+
+
+# -- the fetch stage around the mirror (end to end) ----------------------------------------------------
+
+
+NO_TORCH = (
+    "import sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
+    "print('TORCH_LOADED' if 'torch' in sys.modules else 'NO_TORCH'); sys.exit(rc)"
+)
+
+
+def test_fetch_with_no_workers_never_imports_torch(s3_server, put, bucket, cache_dir):
+    from tests.conftest import png_bytes
+
+    for i in range(5):
+        put(f"nt/k{i}_0.png", png_bytes(i))
+    proc = run_cli("-c", NO_TORCH, "fetch", f"s3://{bucket}/nt/", "--endpoint", s3_server.endpoint,
+                   "--cache-dir", str(cache_dir), "--no-progress", module="")
+    assert proc.returncode == 0, proc.stderr
+    assert "fetched 5" in proc.stdout and "NO_TORCH" in proc.stdout, proc.stdout
+
+
+def test_a_failed_fetch_leaves_no_cache_skeleton(s3_server, put, bucket, tmp_path):
+    from tests.conftest import png_bytes
+
+    put("p/a_1.png", png_bytes(1))
+    for prefix in ("s3://no-such-bucket-q/p/", f"s3://{bucket}/empty/"):
+        cache_dir = tmp_path / "never"
+        proc = run_cli("fetch", prefix, "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress")
+        assert proc.returncode == 2, proc.stderr
+        assert not cache_dir.exists(), sorted(str(p) for p in cache_dir.rglob("*"))
+
+
+def test_bar_and_summary_use_the_same_megabytes(s3_server, put, bucket, cache_dir):
+    # 3 x 700,000 bytes = 2.1 MB = 2.0 MiB: a bar in MiB would read 2.00M, the summary 2.1 MB.
+    for i in range(3):
+        put(f"mb/k{i}_0.bin", random.Random(i).randbytes(700_000))
+    proc = run_cli("fetch", f"s3://{bucket}/mb/", "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "2.1 MB fetched" in proc.stdout, proc.stdout
+    assert "2.10M/2.10M" in proc.stderr, proc.stderr[-500:]
+
+
+def test_one_object_is_not_reported_at_zero_objects_per_second(s3_server, put, bucket, cache_dir):
+    put("one/k_0.png", b"only one")
+    proc = run_cli("fetch", f"s3://{bucket}/one/", "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if " objects/s" in x)
+    rate = float(line.split(" objects/s")[0].rsplit(" ", 1)[1])
+    assert rate > 0, line
+
+
+def test_summary_rate_is_over_the_mirroring_time_with_decimals_for_small_counts():
+    from pipeline.fetch import FetchSummary
+
+    # One object fetched in 0.4 s after 3.6 s of listing and start-up: 2.5 objects/s, not "0 objects/s".
+    line = FetchSummary(fetched=1, bytes_fetched=10, wall_s=4.0, mirror_s=0.4).line()
+    assert " 2.5 objects/s" in line and " 0 objects/s" not in line, line
+    assert " 1000 objects/s" in FetchSummary(fetched=500, wall_s=4.0, mirror_s=0.5).line()
