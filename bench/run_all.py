@@ -1,11 +1,11 @@
-"""``make bench``: run every benchmark of issue 5 in turn and collect their tables.
+"""``make bench``: run every benchmark (issue 10's fetch engines first, then issue 5's) and collect their tables.
 
-Each benchmark runs as its own process (``bench/fetch_bench.py``, ``input_bench.py``, ``train_bench.py``,
+Each benchmark runs as its own process (``bench/mirror_bench.py``, ``bench/fetch_bench.py``, ``input_bench.py``, ``train_bench.py``,
 ``scale_bench.py``) with the same ``--n`` and ``--repeats``; each writes its tables to
 ``bench/results/*.md`` and ``.csv``. At the end this script joins the tables of this run into
 ``bench/results/summary_n<N>.md`` and prints where everything is.
 
-Usage: python bench/run_all.py [--n 5000] [--repeats 3] [--only fetch,input,train,scale] [--collect]
+Usage: python bench/run_all.py [--n 5000] [--repeats 3] [--only mirror,fetch,input,train,scale] [--collect]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import PYTHON, RESULTS, ROOT, env_int, log, machine_line  # noqa: E402
 
-BENCHES = ("fetch", "input", "train", "scale")
+BENCHES = ("mirror", "fetch", "input", "train", "scale")
 # Extra runs of a benchmark: training once with torch's default threads and once with one thread
 # (on a shared 2-core machine the default makes step times swing tenfold).
 VARIANT_ARGS: dict[str, list[list[str]]] = {"train": [[], ["--threads", "1"]]}
@@ -29,6 +29,7 @@ VARIANT_ARGS: dict[str, list[list[str]]] = {"train": [[], ["--threads", "1"]]}
 def tables_for(name: str, n: int) -> list[str]:
     """The result files a benchmark writes for ``n`` objects (the scale benchmark ignores ``n``)."""
     return {
+        "mirror": ["mirror_fetch", "mirror_targets"],
         "fetch": [f"fetch_cold_n{n}", f"fetch_noop_n{n}"],
         "input": [f"input_n{n}", f"decode_n{n}"],
         "train": [f"train_n{n}", f"train_n{n}_t1"],

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
+import re
 from pathlib import Path
 
-from cache.atomic import temp_path_for
+from cache.atomic import TEMP_SUFFIX
 from cache.checks import BodyCheckError, BodyHasher, Expected, md5_from_etag
 from cache.layout import CacheLayout
 
 __all__ = ["BlobStore", "BlobWriteError", "BlobWriter", "hash_file", "md5_from_etag", "sync_filesystem"]
 
 CHUNK = 1 << 20
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _HASH_READ = 4 << 20
 
 # One exception for every body check (kept under its old name for callers of cache.blobs).
@@ -34,6 +37,18 @@ def hash_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+_temp_counter = itertools.count()
+
+
+def _temp_path(folder: str) -> str:
+    """A fresh temp file name in ``folder`` carrying this pid (the :func:`cache.atomic.temp_path_for`
+    pattern, so :func:`~cache.atomic.remove_stale_temp_files` cleans it up), without urandom per blob."""
+    return f"{folder}/.{os.getpid()}-{next(_temp_counter) ^ _TEMP_SALT:016x}{TEMP_SUFFIX}"
+
+
+_TEMP_SALT = int.from_bytes(os.urandom(8), "big")
+
+
 class BlobWriter:
     """One in-flight blob: write it, then :meth:`commit` (checks, optional fsync, rename) or :meth:`abort`.
 
@@ -47,7 +62,7 @@ class BlobWriter:
         self._hasher = BodyHasher(expected, label=label)
         self._fsync = fsync
         self._ranged = False
-        self.tmp_path = temp_path_for(store.layout.tmp)
+        self.tmp_path = _temp_path(store.tmp_dir)
         self._f = open(self.tmp_path, "x+b")  # readable too: ranged bodies are hashed back from it
 
     def write(self, chunk: bytes | memoryview) -> None:
@@ -87,13 +102,7 @@ class BlobWriter:
             if self._fsync:
                 os.fsync(self._f.fileno())
             self._f.close()
-            final = self._store.layout.blob_path(sha)
-            existed = final.exists()
-            final.parent.mkdir(parents=True, exist_ok=True)
-            # Replace even when a file of that name exists: identical content normally, and a damaged
-            # blob (found by --verify) is healed by the same atomic rename.
-            os.replace(self.tmp_path, final)
-            return sha, not existed
+            return self._store.place(self.tmp_path, sha)
         except BaseException:
             self.abort()
             raise
@@ -110,6 +119,50 @@ class BlobStore:
 
     def __init__(self, layout: CacheLayout) -> None:
         self.layout = layout.create()
+        self.tmp_dir = str(self.layout.tmp)
+        self._objects = str(self.layout.objects)
+        self._dirs: set[str] = set()  # fan-out folders known to exist (a mkdir costs a syscall)
+
+    def place(self, tmp_path: str | os.PathLike[str], sha: str) -> tuple[str, bool]:
+        """Rename a checked temp file to the blob named ``sha``; return (sha, True if newly stored)."""
+        if not _SHA_RE.match(sha):
+            raise ValueError(f"not a lowercase SHA-256 hex digest: {sha!r}")
+        folder = f"{self._objects}/{sha[0:2]}/{sha[2:4]}"
+        final = f"{folder}/{sha}"
+        if folder not in self._dirs:
+            os.makedirs(folder, exist_ok=True)
+            self._dirs.add(folder)
+        existed = os.path.exists(final)
+        # Replace even when a file of that name exists: identical content normally, and a damaged
+        # blob (found by --verify) is healed by the same atomic rename.
+        os.replace(tmp_path, final)
+        return sha, not existed
+
+    def put_body(self, data: bytes | memoryview, *, expected: Expected, label: str, fsync: bool = True) -> tuple[str, bool]:
+        """Check a whole body held in memory and store it (one open, one write, one rename)."""
+        hasher = BodyHasher(expected, label=label)
+        hasher.update(data)
+        sha = hasher.verify()
+        tmp = _temp_path(self.tmp_dir)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        try:
+            return self.place(tmp, sha)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def path(self, sha256_hex: str) -> Path:
         return self.layout.blob_path(sha256_hex)

@@ -20,6 +20,7 @@ from pathlib import Path
 from cache.blobs import BlobWriteError
 from cache.layout import CacheLayout
 from pipeline.config import ClientOptions, S3Uri, resolve_endpoint
+from pipeline.mirror import MirrorSettings as FetchDefaults, SyncPolicy
 from pipeline.s3 import StorageError
 
 log = logging.getLogger("tess")
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-cache-bytes", type=_byte_size, default=os.environ.get("CACHE_MAX_BYTES") or None,
                    help="after the fetch, evict down to this size (e.g. 500M, 20G; default $CACHE_MAX_BYTES, no cap)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument("--sync", choices=[p.value for p in SyncPolicy], default=FetchDefaults.sync.value,
+                   help=f"when blobs become durable: fsync each, or one syncfs before the manifest (default {FetchDefaults.sync.value}; README Guarantees)")
     add_client_args(f)
 
     s = sub.add_parser("serve", help="run the embedded S3 server (moto) with the demo set in the foreground")
@@ -150,7 +153,7 @@ def _run_fetch(args: argparse.Namespace, prefix: str, options: ClientOptions, la
     config = FetchConfig(
         prefix=prefix, options=options, cache_dir=args.cache_dir, workers=args.workers, clients=args.clients,
         batch=args.batch, limit=args.limit, verify=args.verify, endpoint_label=label, progress=not args.no_progress,
-        max_cache_bytes=args.max_cache_bytes, shard=getattr(args, "shard_spec", None),
+        max_cache_bytes=args.max_cache_bytes, shard=getattr(args, "shard_spec", None), sync=SyncPolicy(args.sync),
     )
     result = fetch(config)
     print(result.summary.line())

@@ -166,6 +166,8 @@ def _credential_provider() -> Callable[[], dict[str, Any]]:
 
 
 class _ObstoreBody:
+    data = None  # streamed
+
     def __init__(self, result: Any, size: int, etag: str) -> None:
         self._result = result
         self.size = size

@@ -34,7 +34,7 @@ from cache.manifest import ManifestRecord, write_manifest
 from cache.verify import GC_LOCK
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.listing import Listing
-from pipeline.mirror import MirrorRecord, MirrorStatus, ObjectRef, SyncPolicy, mirror_stream
+from pipeline.mirror import MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef, SyncPolicy, mirror_stream
 from pipeline.s3 import StorageError, list_objects
 from pipeline.shard import ShardSpec, shard_mask
 
@@ -77,7 +77,7 @@ class FetchConfig:
     progress: bool = True
     max_cache_bytes: int | None = None
     shard: ShardSpec | None = None
-    sync: SyncPolicy = SyncPolicy.PER_BLOB
+    sync: SyncPolicy = MirrorSettings.sync
 
     def __post_init__(self) -> None:
         S3Uri.parse(self.prefix)
@@ -311,7 +311,7 @@ def _mirror(config: FetchConfig, uri: S3Uri, listing: Listing, todo: np.ndarray,
 
 
 # Fetched objects are written to the key index in groups of this many (and at the end).
-_INDEX_EVERY = 64
+_INDEX_EVERY = 256
 
 
 def _records_here(config: FetchConfig, uri: S3Uri, sub: Listing, layout: CacheLayout, endpoint: str) -> Iterator[MirrorRecord]:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache.blobs import BlobStore
+from cache.blobs import BlobStore, sync_filesystem
 from cache.layout import CacheLayout
 from cache.manifest import load_manifest
 from cache.verify import Problem
@@ -78,4 +78,7 @@ def repair(layout: CacheLayout, problems: list[Problem], *, options: ClientOptio
                 report.failed.append(f"{uri} changed on the server since {path.name} was written; run `make fetch` for a new manifest")
             else:
                 report.failed.append(rec.error or f"{uri}: {rec.status.value}")
+    if report.repaired:
+        # Repaired blobs were not fsynced one by one (SyncPolicy.BEFORE_MANIFEST): make them durable now.
+        sync_filesystem(layout.objects)
     return report

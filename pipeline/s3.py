@@ -68,6 +68,9 @@ def _make_client(options: ClientOptions) -> Any:
         response_checksum_validation="when_required",
     )
     session = boto3.session.Session()
+    # Timestamps stay strings (LastModified of a 1,000-key page costs ~0.2 ms per key in dateutil);
+    # _iso turns them into the same ISO text with the C parser.
+    session._session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
     region = options.region or session.region_name or "us-east-1"
     return session.client("s3", endpoint_url=options.endpoint, region_name=region, config=config)
 
@@ -142,7 +145,14 @@ def describe_error(exc: BaseException, *, uri: str, options: ClientOptions) -> s
 
 
 def _iso(ts: Any) -> str:
+    if isinstance(ts, str):
+        try:
+            ts = _dt.datetime.fromisoformat(ts)
+        except ValueError:
+            return ts
     if isinstance(ts, _dt.datetime):
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=_dt.timezone.utc)
         return ts.astimezone(_dt.timezone.utc).isoformat()
     return str(ts)
 
