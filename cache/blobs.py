@@ -85,7 +85,7 @@ class BlobWriter:
             data = os.pread(fd, min(_HASH_READ, end - self._hasher.size), self._hasher.size)
             if not data:
                 break
-            self._hasher.update(data)
+            self._hasher.update_split(data)
 
     def commit(self) -> tuple[str, bool]:
         """Check, fsync (unless the store syncs once later) and move the blob into place.

@@ -12,8 +12,11 @@ from __future__ import annotations
 import base64
 import enum
 import hashlib
+import os
 import re
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +104,21 @@ class Expected:
     checksum: Checksum | None = None
 
 
+_helper_pool: ThreadPoolExecutor | None = None
+_helper_pid = -1
+_helper_lock = threading.Lock()
+
+
+def _helper() -> ThreadPoolExecutor:
+    """Threads for :meth:`BodyHasher.update_split` (made on first use, per process)."""
+    global _helper_pool, _helper_pid
+    with _helper_lock:
+        if _helper_pool is None or _helper_pid != os.getpid():
+            _helper_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tess-hash")
+            _helper_pid = os.getpid()
+        return _helper_pool
+
+
 class BodyHasher:
     """Feed a body in order with :meth:`update`; :meth:`verify` checks it and returns its SHA-256 hex."""
 
@@ -120,6 +138,24 @@ class BodyHasher:
         if self._extra is not None:
             self._extra.update(chunk)
         self.size += len(chunk)
+
+    def update_split(self, chunk: bytes | memoryview) -> None:
+        """:meth:`update` for large chunks: MD5 and the additional checksum run in a helper thread while
+        SHA-256 runs in this one (hashlib releases the GIL), so two cores hash one body."""
+        if self._md5 is None and self._extra is None:
+            self._sha.update(chunk)
+            self.size += len(chunk)
+            return
+        helper = _helper().submit(self._update_others, chunk)
+        self._sha.update(chunk)
+        helper.result()
+        self.size += len(chunk)
+
+    def _update_others(self, chunk: bytes | memoryview) -> None:
+        if self._md5 is not None:
+            self._md5.update(chunk)
+        if self._extra is not None:
+            self._extra.update(chunk)
 
     def verify(self) -> str:
         """SHA-256 hex of the body.

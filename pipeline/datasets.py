@@ -35,7 +35,8 @@ from cache.manifest import ManifestArrays, load_manifest
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.engines import make_mirror, settings_for
 from pipeline.listing import Listing
-from pipeline.mirror import Mirror, MirrorRecord, MirrorStatus, ObjectRef, SyncPolicy, mirror_all
+from pipeline.mirror import Mirror, MirrorRecord, MirrorStatus, ObjectRef, SyncPolicy
+from pipeline.mirror_loop import mirror_all
 from pipeline.objectget import RetryableHTTPError, open_object
 from pipeline.s3 import PerProcess, StorageError, describe_error, get_client, list_objects, retry_call
 

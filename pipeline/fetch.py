@@ -34,7 +34,8 @@ from cache.manifest import ManifestRecord, write_manifest
 from cache.verify import GC_LOCK
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.listing import Listing
-from pipeline.mirror import MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef, SyncPolicy, mirror_stream
+from pipeline.mirror import MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef, SyncPolicy
+from pipeline.mirror_loop import mirror_stream
 from pipeline.s3 import StorageError, list_objects
 from pipeline.shard import ShardSpec, shard_mask
 

@@ -22,11 +22,11 @@ import asyncio
 import enum
 import logging
 import os
-import queue
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -148,6 +148,8 @@ class MirrorSettings:
         large_threshold: objects of at least this many bytes are fetched with ranged GETs.
         part_size: bytes per ranged GET.
         parts_in_flight: ranged GETs in flight per large object.
+        ranges_in_flight: ranged GETs in flight over all large objects of one mirror (bounds memory).
+        disk_threads: threads that create, fsync and hash files (kernel time off the event loop).
         sync: durability policy.
     """
 
@@ -160,6 +162,8 @@ class MirrorSettings:
     large_threshold: int = 16 << 20
     part_size: int = 8 << 20
     parts_in_flight: int = 8
+    ranges_in_flight: int = 16
+    disk_threads: int = 8
     # Measured (README "Guarantees"): one syncfs before the manifest costs a fraction of an fsync per blob.
     sync: SyncPolicy = SyncPolicy.BEFORE_MANIFEST
 
@@ -189,6 +193,9 @@ class Mirror:
         self.client = client
         self.worker = worker
         self._cache_root = cache_root or str(store.layout.root)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = -1
+        self._ranges: asyncio.Semaphore | None = None  # ranged GETs in flight over all large objects
 
     def uri(self, key: str) -> str:
         return f"s3://{self.getter.bucket}/{key}"
@@ -250,11 +257,9 @@ class Mirror:
             expected = Expected(size=body.size, etag=body.etag)
             data = getattr(body, "data", None)
             if data is not None:
-                # The whole body is in memory: checked, written and renamed in one go.
-                if fsync:
-                    sha, new = await loop.run_in_executor(None, self._put_body, data, expected, label, True)
-                else:
-                    sha, new = self._put_body(data, expected, label, False)
+                # The whole body is in memory: checked, written and renamed in one go, in the disk
+                # threads (creating a file can cost a millisecond of kernel time; the loop keeps going).
+                sha, new = await loop.run_in_executor(self._disk(), self._put_body, data, expected, label, fsync)
                 return sha, new, body.etag, body.size
             writer = self.store.writer(expected=expected, label=label, fsync=fsync)
             try:
@@ -264,8 +269,15 @@ class Mirror:
             except BaseException:
                 writer.abort()
                 raise
-        sha, new = await loop.run_in_executor(None, writer.commit) if fsync else writer.commit()
+        sha, new = await loop.run_in_executor(self._disk(), writer.commit)
         return sha, new, body.etag, body.size
+
+    def _disk(self) -> ThreadPoolExecutor:
+        """This process's disk threads (file creation, fsync, hashing of ranged bodies)."""
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(max_workers=self.settings.disk_threads, thread_name_prefix="tess-disk")
+            self._pool_pid = os.getpid()
+        return self._pool
 
     def _put_body(self, data: Any, expected: Expected, label: str, fsync: bool) -> tuple[str, bool]:
         return self.store.put_body(data, expected=expected, label=label, fsync=fsync)
@@ -307,13 +319,15 @@ class Mirror:
                     async for chunk in body.chunks():
                         if pos + len(chunk) > end:
                             raise BodyCheckError(f"{self.uri(ref.key)}: range {start}-{end} answered with more bytes")
-                        await loop.run_in_executor(None, writer.write_at, pos, chunk)
+                        writer.write_at(pos, chunk)  # into the page cache: microseconds
                         pos += len(chunk)
                         timer.reschedule(loop.time() + s.read_timeout)
                 if pos != end:
                     raise BodyCheckError(f"{self.uri(ref.key)}: range {start}-{end} got {pos - start} bytes")
 
-            async with gate:
+            if self._ranges is None:
+                self._ranges = asyncio.Semaphore(s.ranges_in_flight)
+            async with gate, self._ranges:
                 part_tries = _Attempts()
                 await self._retrying(fetch_part, part_tries)
                 tries.n += part_tries.n - 1
@@ -321,14 +335,14 @@ class Mirror:
             if hashing is not None and hashing.done():
                 hashing.result()  # a read error of the temp file surfaces here
             if hashing is None or hashing.done():
-                hashing = loop.run_in_executor(None, writer.hash_through, frontier())
+                hashing = loop.run_in_executor(self._disk(), writer.hash_through, frontier())
 
         tasks = [asyncio.ensure_future(part(st)) for st in starts]
         try:
             await asyncio.gather(*tasks)
             if hashing is not None:
                 await hashing
-            sha, new = await loop.run_in_executor(None, writer.commit)
+            sha, new = await loop.run_in_executor(self._disk(), writer.commit)
         except BaseException:
             # No part may write into the temp file once it is removed.
             for t in tasks:
@@ -384,100 +398,7 @@ def _one_line(uri: str, e: BaseException) -> str:
     return f"{uri}: {type(e).__name__}: {e}"
 
 
-# -- the event loop of this process ------------------------------------------------------------------
-
-
-class _LoopThread:
-    """One asyncio loop in a daemon thread per process (made on first use, never crossing a fork)."""
-
-    _lock = threading.Lock()
-    _current: tuple[int, _LoopThread] | None = None
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="tess-mirror-loop", daemon=True)
-        self.thread.start()
-
-    @classmethod
-    def get(cls) -> _LoopThread:
-        cur = cls._current
-        if cur is None or cur[0] != os.getpid():
-            with cls._lock:
-                cur = cls._current
-                if cur is None or cur[0] != os.getpid():
-                    cls._current = cur = (os.getpid(), _LoopThread())
-        return cur[1]
-
-
-_DRAIN_S = 120.0
-
-
-def mirror_stream(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef], *, pick: Callable[[int], int] | None = None) -> Iterator[MirrorRecord]:
-    """Mirror ``refs`` on this process's event loop; yield records in completion order.
-
-    ``refs[j]`` goes through ``mirrors[pick(j)]`` (default: round robin, so requests spread over the
-    clients). Closing the iterator early cancels what is still running.
-    """
-    if not refs:
-        return
-    pick = pick or (lambda j: j % len(mirrors))
-    out: queue.SimpleQueue[list[MirrorRecord] | BaseException | None] = queue.SimpleQueue()
-    groups: dict[int, list[ObjectRef]] = {}
-    for j, ref in enumerate(refs):
-        groups.setdefault(pick(j), []).append(ref)
-
-    buffer: list[MirrorRecord] = []
-
-    def flush() -> None:
-        if buffer:
-            out.put(buffer[:])
-            buffer.clear()
-
-    def emit(rec: MirrorRecord) -> None:
-        # Handed over in groups (at most ~100 wake-ups of the consumer per second, not one per object).
-        buffer.append(rec)
-        if len(buffer) == 1:
-            asyncio.get_running_loop().call_later(0.01, flush)
-        elif len(buffer) >= 256 or rec.status is MirrorStatus.FATAL:
-            flush()
-
-    async def main() -> None:
-        try:
-            await asyncio.gather(*(mirrors[m].many(g, emit, abort) for m, g in groups.items()))
-            flush()
-            out.put(None)
-        except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
-            flush()
-            out.put(e)
-
-    abort = threading.Event()
-    fut = asyncio.run_coroutine_threadsafe(main(), _LoopThread.get().loop)
-    try:
-        while True:
-            item = out.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield from item
-    finally:
-        if not fut.done():
-            # Closed early (a FATAL record, an exception in the consumer): start nothing new and let
-            # what is in flight end, each bounded by its timeouts.
-            abort.set()
-            try:
-                fut.result(timeout=_DRAIN_S)
-            except Exception:  # noqa: BLE001 - the consumer's exception is the one that matters
-                fut.cancel()
-
-
-def mirror_all(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef]) -> list[MirrorRecord]:
-    """Mirror ``refs``; the records in the order of ``refs``."""
-    by_index = {r.index: r for r in mirror_stream(mirrors, refs)}
-    return [by_index[r.index] for r in refs if r.index in by_index]
-
-
 __all__ = [
     "Body", "Checksum", "FailureKind", "GetFailure", "Getter", "Mirror", "MirrorRecord", "MirrorSettings",
-    "MirrorStatus", "ObjectRef", "SyncPolicy", "mirror_all", "mirror_stream",
+    "MirrorStatus", "ObjectRef", "SyncPolicy",
 ]

@@ -21,7 +21,8 @@ from cache.manifest import load_manifest
 from cache.verify import Problem
 from pipeline.config import ClientOptions
 from pipeline.engines import make_mirror
-from pipeline.mirror import MirrorStatus, ObjectRef, mirror_all
+from pipeline.mirror import MirrorStatus, ObjectRef
+from pipeline.mirror_loop import mirror_all
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from cache import CacheLayout
 from cache.blobs import BlobStore, hash_file
 from cache.checks import Checksum, ChecksumAlgorithm, Expected
 from pipeline.mirror import (FailureKind, GetFailure, Mirror, MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef,
-                             SyncPolicy, mirror_all)
+                             SyncPolicy)
+from pipeline.mirror_loop import mirror_all
 from tests.helpers import run_cli
 
 BUCKET = "fake"
@@ -270,3 +271,56 @@ def test_summary_rate_is_over_the_mirroring_time_with_decimals_for_small_counts(
     line = FetchSummary(fetched=1, bytes_fetched=10, wall_s=4.0, mirror_s=0.4).line()
     assert " 2.5 objects/s" in line and " 0 objects/s" not in line, line
     assert " 1000 objects/s" in FetchSummary(fetched=500, wall_s=4.0, mirror_s=0.5).line()
+
+
+# -- both engines against real servers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["obstore", "urllib3"])
+def test_each_engine_survives_faults_in_process(s3_server, tmp_path, monkeypatch, engine):
+    from cache import load_manifest
+    from pipeline.config import ClientOptions
+    from pipeline.fetch import FetchConfig, fetch
+    from pipeline.server import seed_objects
+    from tests.faultproxy import FaultProxy
+
+    monkeypatch.setenv("TESS_ENGINE", engine)
+    bucket = f"engine-faults-{engine}"
+    rng = random.Random(42)
+    objects = {f"e/obj-{i:04d}_{i % 3}.bin": rng.randbytes(rng.randrange(1, 3000)) for i in range(300)}
+    seed_objects(bucket, objects.items())
+    rates = {"500": 0.04, "503": 0.04, "reset": 0.04, "truncate": 0.04, "corrupt": 0.04}
+    with FaultProxy(s3_server.endpoint, seed=5, rates=rates) as proxy:
+        options = ClientOptions(endpoint=proxy.endpoint, max_attempts=8, connect_timeout=2, read_timeout=2)
+        result = fetch(FetchConfig(prefix=f"s3://{bucket}/e/", options=options, cache_dir=tmp_path / "c", progress=False))
+    s = result.summary
+    assert result.exit_code == 0 and s.fetched == len(objects), s.errors[:3]
+    assert proxy.faults_on("GET") > 0
+    assert proxy.faults_on("GET") <= proxy.requests_of_kind("GET") - len(objects) <= s.retries
+    m = load_manifest(result.manifest)
+    for i, key in enumerate(m.keys):
+        assert m.sha_hex(i) == hashlib.sha256(objects[key]).hexdigest(), key
+
+
+def test_fetch_from_s3rver_with_a_large_object_in_ranges(s3rver_env, tmp_path):
+    import boto3
+
+    from cache import load_manifest
+    from pipeline.config import ClientOptions
+    from pipeline.fetch import FetchConfig, fetch
+
+    # A session of its own: boto3's default session may hold the moto credentials of earlier tests.
+    s3 = boto3.session.Session().client("s3", endpoint_url=s3rver_env, region_name="us-east-1")
+    s3.create_bucket(Bucket="mirror-e2e")
+    objects = {f"d/img-{i:03d}_{i % 2}.png": random.Random(i).randbytes(2500) for i in range(40)}
+    objects["d/big_1.bin"] = random.Random(99).randbytes(20 * 1024 * 1024 + 17)  # above the 16 MB threshold
+    for key, data in objects.items():
+        s3.put_object(Bucket="mirror-e2e", Key=key, Body=data)
+    result = fetch(FetchConfig(prefix="s3://mirror-e2e/d/", options=ClientOptions(endpoint=s3rver_env),
+                               cache_dir=tmp_path / "c", progress=False))
+    assert result.exit_code == 0 and result.summary.fetched == len(objects)
+    m = load_manifest(result.manifest)
+    layout = CacheLayout(root=tmp_path / "c")
+    for i, key in enumerate(m.keys):
+        assert m.sha_hex(i) == hashlib.sha256(objects[key]).hexdigest(), key
+        assert hash_file(layout.blob_path(m.sha_hex(i))) == m.sha_hex(i)

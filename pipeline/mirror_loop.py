@@ -1,0 +1,108 @@
+"""The mirror's event loop: one asyncio loop per process in a daemon thread, and the calls that run on it.
+
+:func:`mirror_stream` hands records to the calling thread in completion order (in groups, so the caller
+wakes up at most about a hundred times a second, not once per object); :func:`mirror_all` returns them
+in the order asked. Neither imports boto3 nor torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+from pipeline.mirror import Mirror, MirrorRecord, MirrorStatus, ObjectRef
+
+# -- the event loop of this process ------------------------------------------------------------------
+
+
+class _LoopThread:
+    """One asyncio loop in a daemon thread per process (made on first use, never crossing a fork)."""
+
+    _lock = threading.Lock()
+    _current: tuple[int, _LoopThread] | None = None
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tess-mirror-loop", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def get(cls) -> _LoopThread:
+        cur = cls._current
+        if cur is None or cur[0] != os.getpid():
+            with cls._lock:
+                cur = cls._current
+                if cur is None or cur[0] != os.getpid():
+                    cls._current = cur = (os.getpid(), _LoopThread())
+        return cur[1]
+
+
+_DRAIN_S = 120.0
+
+
+def mirror_stream(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef], *, pick: Callable[[int], int] | None = None) -> Iterator[MirrorRecord]:
+    """Mirror ``refs`` on this process's event loop; yield records in completion order.
+
+    ``refs[j]`` goes through ``mirrors[pick(j)]`` (default: round robin, so requests spread over the
+    clients). Closing the iterator early cancels what is still running.
+    """
+    if not refs:
+        return
+    pick = pick or (lambda j: j % len(mirrors))
+    out: queue.SimpleQueue[list[MirrorRecord] | BaseException | None] = queue.SimpleQueue()
+    groups: dict[int, list[ObjectRef]] = {}
+    for j, ref in enumerate(refs):
+        groups.setdefault(pick(j), []).append(ref)
+
+    buffer: list[MirrorRecord] = []
+
+    def flush() -> None:
+        if buffer:
+            out.put(buffer[:])
+            buffer.clear()
+
+    def emit(rec: MirrorRecord) -> None:
+        # Handed over in groups (at most ~100 wake-ups of the consumer per second, not one per object).
+        buffer.append(rec)
+        if len(buffer) == 1:
+            asyncio.get_running_loop().call_later(0.01, flush)
+        elif len(buffer) >= 256 or rec.status is MirrorStatus.FATAL:
+            flush()
+
+    async def main() -> None:
+        try:
+            await asyncio.gather(*(mirrors[m].many(g, emit, abort) for m, g in groups.items()))
+            flush()
+            out.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
+            flush()
+            out.put(e)
+
+    abort = threading.Event()
+    fut = asyncio.run_coroutine_threadsafe(main(), _LoopThread.get().loop)
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+    finally:
+        if not fut.done():
+            # Closed early (a FATAL record, an exception in the consumer): start nothing new and let
+            # what is in flight end, each bounded by its timeouts.
+            abort.set()
+            try:
+                fut.result(timeout=_DRAIN_S)
+            except Exception:  # noqa: BLE001 - the consumer's exception is the one that matters
+                fut.cancel()
+
+
+def mirror_all(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef]) -> list[MirrorRecord]:
+    """Mirror ``refs``; the records in the order of ``refs``."""
+    by_index = {r.index: r for r in mirror_stream(mirrors, refs)}
+    return [by_index[r.index] for r in refs if r.index in by_index]
