@@ -13,6 +13,10 @@ from collections.abc import Iterator
 
 from cache.layout import CacheLayout
 
+# Held shared by every fetch, training run and verification, exclusive by eviction (cache/gc.py), so an
+# eviction never removes a blob that a running job uses.
+GC_LOCK = "gc"
+
 
 @contextlib.contextmanager
 def cache_lock(layout: CacheLayout, name: str, *, shared: bool = False) -> Iterator[None]:

@@ -30,6 +30,8 @@ import numpy as np
 
 from cache.atomic import atomic_writer
 from cache.layout import CacheLayout
+from cache.shard import ShardSpec, parse_shard
+from cache.uri import S3Uri
 
 MANIFEST_FORMAT = "tess-manifest/1"
 MANIFEST_SUFFIX = ".jsonl"
@@ -49,9 +51,23 @@ class ManifestRecord:
     label: int = -1
 
 
+# The header fields every manifest has, and the optional ones, in the order they are written.
+_REQUIRED = ("endpoint", "bucket", "prefix", "created", "count", "total_bytes", "records_sha256", "format")
+_OPTIONAL = ("fetch", "classes", "incomplete", "shard")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ManifestHeader:
-    """Line 1 of a manifest; ``extra`` holds the optional fields (classes, shard, fetch, incomplete)."""
+    """Line 1 of a manifest, parsed once (:meth:`from_json`) into typed fields.
+
+    Attributes:
+        fetch: the fetch summary as written by ``pipeline.fetch`` (listed, fetched, cached, missing,
+            failed, bytes, retries, list_s, wall_s); None for manifests written by other tools.
+        classes: folder class names, when labels come from folders.
+        incomplete: listed objects that are not in the manifest.
+        shard: the shard ``k/N`` of a sharded fetch; None for the whole listing.
+        unknown: fields this version does not know, kept so a header round-trips byte for byte.
+    """
 
     endpoint: str
     bucket: str
@@ -61,28 +77,67 @@ class ManifestHeader:
     total_bytes: int
     records_sha256: str
     format: str = MANIFEST_FORMAT
-    extra: dict[str, Any] = field(default_factory=dict)
+    fetch: dict[str, Any] | None = None
+    classes: tuple[str, ...] | None = None
+    incomplete: int | None = None
+    shard: ShardSpec | None = None
+    unknown: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The optional fields as the file holds them (``shard`` as ``"k/N"``), in the order written."""
+        values = {"fetch": self.fetch, "classes": None if self.classes is None else list(self.classes),
+                  "incomplete": self.incomplete, "shard": None if self.shard is None else str(self.shard)}
+        return {**{k: v for k, v in values.items() if v is not None}, **self.unknown}
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "extra"}
-        d.update(self.extra)
-        return d
+        return {**{k: getattr(self, k) for k in _REQUIRED}, **self.extra}
 
     @classmethod
     def from_json(cls, d: dict[str, Any], *, source: str = "manifest") -> ManifestHeader:
+        """Check and parse a header (the ``shard`` string into a :class:`ShardSpec`).
+
+        Raises:
+            ValueError: another format, a missing field, or a malformed optional field; the message
+                names ``source`` and the fix.
+        """
         if d.get("format") != MANIFEST_FORMAT:
             raise ValueError(
                 f"{source}: format {d.get('format')!r} is not {MANIFEST_FORMAT!r}; re-run `make fetch` to rewrite it"
             )
-        names = {"endpoint", "bucket", "prefix", "created", "count", "total_bytes", "records_sha256", "format"}
-        missing = sorted(names - d.keys())
+        missing = sorted(set(_REQUIRED) - d.keys())
         if missing:
             raise ValueError(f"{source}: header lacks {missing}; re-run `make fetch` to rewrite it")
-        return cls(**{k: d[k] for k in names}, extra={k: v for k, v in d.items() if k not in names})
+        fix = "re-run `make fetch` to rewrite it"
+        fetch, classes, incomplete, shard = (d.get(k) for k in _OPTIONAL)
+        if fetch is not None and not isinstance(fetch, dict):
+            raise ValueError(f"{source}: header field fetch {fetch!r} is not an object; {fix}")
+        if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise ValueError(f"{source}: header field classes {classes!r} is not a list of names; {fix}")
+        if incomplete is not None and (not isinstance(incomplete, int) or isinstance(incomplete, bool) or incomplete < 0):
+            raise ValueError(f"{source}: header field incomplete {incomplete!r} is not a count; {fix}")
+        return cls(
+            **{k: d[k] for k in _REQUIRED},
+            fetch=fetch,
+            classes=None if classes is None else tuple(classes),
+            incomplete=incomplete,
+            shard=None if shard is None else parse_shard(shard, source=f"{source}: header field shard"),
+            unknown={k: v for k, v in d.items() if k not in _REQUIRED and k not in _OPTIONAL},
+        )
+
+    @property
+    def uri(self) -> S3Uri:
+        """The listed location, ``s3://bucket/prefix``."""
+        return S3Uri(bucket=self.bucket, prefix=self.prefix)
+
+    @property
+    def fetch_wall_s(self) -> float | None:
+        """Wall seconds of the fetch that wrote this manifest (the network cost), when recorded."""
+        return None if self.fetch is None else self.fetch.get("wall_s")
 
     @property
     def name(self) -> str:
-        return manifest_name(self.endpoint, self.bucket, self.prefix, shard=self.extra.get("shard"))
+        return manifest_name(self.endpoint, self.bucket, self.prefix, shard=None if self.shard is None else str(self.shard))
 
 
 def manifest_name(endpoint: str, bucket: str, prefix: str, *, shard: str | None = None) -> str:
@@ -138,7 +193,9 @@ def write_manifest(
 ) -> Path:
     """Write ``<name>.jsonl`` and ``<name>.keys`` atomically; return the manifest path.
 
-    ``endpoint`` must already be free of credentials (the caller strips them).
+    ``endpoint`` must already be free of credentials (the caller strips them). ``extra`` holds the
+    optional header fields in their file form (``fetch``, ``classes``, ``incomplete``, ``shard`` as
+    ``"k/N"``).
     """
     extra = dict(extra or {})
     lines: list[bytes] = []
@@ -151,16 +208,11 @@ def write_manifest(
         lines.append(line)
         keys.append(r.key)
         total += r.size
-    header = ManifestHeader(
-        endpoint=endpoint,
-        bucket=bucket,
-        prefix=prefix,
-        created=utc_now(),
-        count=len(lines),
-        total_bytes=total,
-        records_sha256=h.hexdigest(),
-        extra=extra,
-    )
+    # Through from_json, so a written header is checked exactly as it will be read back.
+    header = ManifestHeader.from_json({
+        **extra, "endpoint": endpoint, "bucket": bucket, "prefix": prefix, "created": utc_now(),
+        "count": len(lines), "total_bytes": total, "records_sha256": h.hexdigest(), "format": MANIFEST_FORMAT,
+    }, source="new manifest")
     layout.manifests.mkdir(parents=True, exist_ok=True)
     stem = header.name
     path = layout.manifests / f"{stem}{MANIFEST_SUFFIX}"
@@ -240,16 +292,6 @@ class ManifestArrays:
     def sha_hex(self, i: int) -> str:
         return self.sha256[i].tobytes().hex()
 
-    def record(self, i: int) -> dict[str, Any]:
-        """Record ``i`` as a dict (for messages and tools, not for hot loops)."""
-        return {
-            "key": self.keys[i],
-            "sha256": self.sha_hex(i),
-            "size": int(self.size[i]),
-            "etag": self.etags[i],
-            "label": int(self.label[i]),
-        }
-
     @property
     def nbytes(self) -> int:
         return int(
@@ -313,3 +355,8 @@ def latest_manifest(layout: CacheLayout) -> Path:
             f"no manifest in {layout.manifests}; run `make fetch` (demo) or `make fetch PREFIX=s3://bucket/prefix`"
         )
     return paths[-1]
+
+
+def manifests_of(layout: CacheLayout, uri: S3Uri) -> list[Path]:
+    """The manifests of one ``s3://bucket/prefix`` (any endpoint, any shard), oldest first."""
+    return [p for p in list_manifests(layout) if read_manifest_header(p).uri == uri]

@@ -14,10 +14,8 @@ from pathlib import Path
 
 from cache.blobs import hash_file
 from cache.layout import CacheLayout
-from cache.locks import cache_lock
+from cache.locks import GC_LOCK, cache_lock
 from cache.manifest import ManifestArrays, list_manifests, load_manifest
-
-GC_LOCK = "gc"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cache.blobs import BlobWriteError
 from cache.layout import CacheLayout
-from pipeline.config import ClientOptions, S3Uri, resolve_endpoint
+from pipeline.config import EMBEDDED_DEMO, ClientOptions, S3Uri, resolve_endpoint
 from pipeline.s3 import StorageError
 
 log = logging.getLogger("tess")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from pipeline.shard import resolve_shard
+    from cache.shard import resolve_shard
 
     # Resolved before any server starts, so a bad SHARD or NODE_RANK/NNODES fails at once.
     args.shard_spec, origin = resolve_shard(args.shard, os.environ)
@@ -140,7 +140,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         os.environ.pop("AWS_PROFILE", None)
         print(f"no PREFIX given: starting the embedded S3 server with {args.demo} demo images", file=sys.stderr)
         with embedded_server(demo=args.demo) as endpoint:
-            return _run_fetch(args, f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}", client_options(args, endpoint=endpoint), "embedded-demo")
+            return _run_fetch(args, str(S3Uri(bucket=DEMO_BUCKET, prefix=DEMO_PREFIX)), client_options(args, endpoint=endpoint),
+                              EMBEDDED_DEMO)
     return _run_fetch(args, args.prefix, client_options(args), None)
 
 

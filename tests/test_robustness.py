@@ -14,7 +14,8 @@ from cache.blobs import hash_file
 from cache.verify import verify_cache
 from pipeline.fetch import FetchConfig, fetch
 from pipeline.server import seed_objects
-from pipeline.train import TrainConfig, train
+from pipeline.config import TrainConfig
+from pipeline.train import train
 from tests.conftest import png_bytes
 from tests.helpers import ROOT, kill_when_blobs, run_cli
 
@@ -75,7 +76,7 @@ def test_odd_objects_are_fetched_as_bytes_and_skipped_in_training(s3_server, buc
         train(TrainConfig(epochs=1, cache_dir=str(cache_dir), out=str(tmp_path / "stop"), progress=False))
     assert "odd/" in str(e.value) and "--on-bad-sample skip" in str(e.value)
     s = train(TrainConfig(epochs=1, cache_dir=str(cache_dir), out=str(tmp_path / "skip"), progress=False, on_bad_sample="skip"))
-    assert s["bad_samples_skipped"] == 3 and s["images"] == 30
+    assert s.bad_samples_skipped == 3 and s.images == 30
 
 
 def _peak_rss_mb(cmd) -> tuple[int, float]:

@@ -11,7 +11,7 @@ import pytest
 from cache import CacheLayout, load_manifest
 from pipeline.fetch import FetchConfig, fetch
 from pipeline.server import seed_objects
-from pipeline.shard import (
+from cache.shard import (
     ShardSpec,
     in_shard,
     parse_shard,
