@@ -116,12 +116,16 @@ class ManifestHeader:
             raise ValueError(f"{source}: header field classes {classes!r} is not a list of names; {fix}")
         if incomplete is not None and (not isinstance(incomplete, int) or isinstance(incomplete, bool) or incomplete < 0):
             raise ValueError(f"{source}: header field incomplete {incomplete!r} is not a count; {fix}")
+        try:
+            spec = None if shard is None else parse_shard(shard, source=f"{source}: header field shard")
+        except ValueError as e:
+            raise ValueError(f"{e}; {fix}") from None
         return cls(
             **{k: d[k] for k in _REQUIRED},
             fetch=fetch,
             classes=None if classes is None else tuple(classes),
             incomplete=incomplete,
-            shard=None if shard is None else parse_shard(shard, source=f"{source}: header field shard"),
+            shard=spec,
             unknown={k: v for k, v in d.items() if k not in _REQUIRED and k not in _OPTIONAL},
         )
 
