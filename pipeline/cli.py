@@ -195,7 +195,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload") as bar, ThreadPoolExecutor(options.max_connections) as pool:
         def one(p: Path) -> None:
             key = uri.prefix + p.relative_to(root).as_posix()
-            upload_file(p, uri.bucket, key, options, uri_for_errors=f"s3://{uri.bucket}/{key}")
+            upload_file(p, uri.bucket, key, options, uri_for_errors=uri.key_uri(key))
             bar.update(p.stat().st_size)
 
         for _ in pool.map(one, files):
