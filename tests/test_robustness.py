@@ -42,7 +42,7 @@ def test_sigkill_at_three_random_points(s3_server, bucket, cache_dir):
     rerun = run_cli("fetch", uri, "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress")
     assert rerun.returncode == 0, rerun.stderr
     m = load_manifest(next((cache_dir / "manifests").glob("*.jsonl")))
-    assert len(m) == n and m.header.extra["fetch"]["cached"] >= points[-1] - 2 * 16
+    assert len(m) == n and m.header.fetch["cached"] >= points[-1] - 2 * 16
     assert verify_cache(CacheLayout(root=cache_dir)).ok
     assert list((cache_dir / "tmp").iterdir()) == [], f"stale temp files not cleaned (had {len(leftovers)})"
 
