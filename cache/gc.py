@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.layout import CacheLayout
-from cache.locks import cache_lock
+from cache.locks import GC_LOCK, cache_lock
 from cache.manifest import KEYS_SUFFIX, list_manifests, load_manifest
-from cache.verify import GC_LOCK
 
 log = logging.getLogger(__name__)
 
