@@ -95,7 +95,6 @@ def test_clean_cache_refuses_while_the_cache_is_in_use(tmp_path, shared):
     root = tmp_path / "cache"
     make_cache(root, 4)
     layout = CacheLayout.at(root).create()
-    before = _tree(root)
     # Another process holds the GC lock, as a fetch, a training run or verify does.
     holder = subprocess.Popen(
         [sys.executable, "-c",
@@ -106,6 +105,7 @@ def test_clean_cache_refuses_while_the_cache_is_in_use(tmp_path, shared):
     )
     try:
         assert holder.stdout.readline().strip() == "held"
+        before = _tree(root)
         proc = run_cli("clean-cache", "--cache-dir", str(root))
     finally:
         holder.stdin.close()
