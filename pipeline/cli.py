@@ -184,6 +184,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"folder {args.folder!r} does not exist; pass a folder of images to upload")
     uri = S3Uri.parse(args.prefix)
     options = client_options(args)
+    os.listdir(root)  # raises PermissionError here; rglob would silently find nothing in an unreadable folder
     files = sorted(p for p in root.rglob("*") if p.is_file())
     if not files:
         raise FileNotFoundError(f"folder {args.folder!r} holds no files; nothing to upload")

@@ -409,6 +409,7 @@ def build_source(config: TrainConfig, d: Dist, stack: contextlib.ExitStack | Non
                           description=f"{prefix} (streaming, {n} objects)", preview=list(range(min(8, n))))
 
     from pipeline.datasets import CachedImageDataset
+    from pipeline.packs import can_use_pack, load_or_build_pack
 
     path = find_manifest(config, d)
     if not path.is_file():
@@ -425,8 +426,9 @@ def build_source(config: TrainConfig, d: Dist, stack: contextlib.ExitStack | Non
         description=f"{path.name} ({len(ds)} images)", manifest=manifest, fetch_wall_s=fetch.get("wall_s"),
         shard=manifest.header.extra.get("shard"),
     )
-    if config.pack in ("auto", "on"):
-        from pipeline.packs import load_or_build_pack
+    if config.pack == "auto" and not can_use_pack(manifest, ds.layout.packs, config.image_size):
+        log.warning("the cache at %s is read-only: training without a decoded pack (decoding every epoch)", ds.layout.root)
+    elif config.pack in ("auto", "on"):
 
         pack = load_or_build_pack(ds, image_size=config.image_size, progress=config.progress and d.main, skip_bad=skip)
         src.batches = PackedBatches(pack.images, manifest.label)
