@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="tess: %(levelname)s: %(message)s")
+    from pipeline.cli import describe_os_error
     from pipeline.config import TrainConfig
     from pipeline.s3 import StorageError
     from pipeline.train import train
@@ -73,8 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
         summary = train(config)
-    except (ValueError, FileNotFoundError, StorageError, FloatingPointError, sqlite3.Error) as e:
-        line = f"tess: error: {e}" + (f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+    except (ValueError, FileNotFoundError, StorageError, FloatingPointError, sqlite3.Error, OSError) as e:
+        text = describe_os_error(e) if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else str(e)
+        line = f"tess: error: {text}" + (f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
         # One write() per line: under torchrun every rank shares stderr, and a line split over two
         # writes can interleave with another rank's.
         sys.stderr.flush()

@@ -39,6 +39,12 @@ def pack_path(manifest: ManifestArrays, packs_dir: Path, image_size: int) -> Pat
     return packs_dir / f"{manifest.header.records_sha256[:24]}-{image_size}px.npy"
 
 
+def can_use_pack(manifest: ManifestArrays, packs_dir: Path, image_size: int) -> bool:
+    """A pack exists already, or this process may build one (a read-only cache cannot hold a new pack)."""
+    return pack_path(manifest, packs_dir, image_size).is_file() or os.access(
+        packs_dir if packs_dir.is_dir() else packs_dir.parent, os.W_OK)
+
+
 def load_or_build_pack(dataset, *, image_size: int, progress: bool = True, skip_bad: bool = False) -> Pack:
     """Memory-map the pack of ``dataset`` (a CachedImageDataset), building it first if needed.
 
@@ -47,13 +53,16 @@ def load_or_build_pack(dataset, *, image_size: int, progress: bool = True, skip_
     """
     manifest: ManifestArrays = dataset.manifest
     packs_dir = dataset.layout.packs
-    packs_dir.mkdir(parents=True, exist_ok=True)
     path = pack_path(manifest, packs_dir, image_size)
+    if not path.is_file():
+        packs_dir.mkdir(parents=True, exist_ok=True)
     meta = path.with_suffix(".json")
-    # One builder at a time; a second process waits and then maps the finished pack.
-    with cache_lock(dataset.layout, f"pack:{path.name}"):
-        if not path.is_file():
-            _build(dataset, path, meta, image_size=image_size, progress=progress, skip_bad=skip_bad)
+    if not path.is_file():
+        # One builder at a time; a second process waits and then maps the finished pack. A pack that
+        # exists is complete (renamed into place), so reading one needs no lock (nor a writable cache).
+        with cache_lock(dataset.layout, f"pack:{path.name}"):
+            if not path.is_file():
+                _build(dataset, path, meta, image_size=image_size, progress=progress, skip_bad=skip_bad)
     bad = tuple(json.loads(meta.read_text())["bad"]) if meta.is_file() else ()
     if bad and not skip_bad:
         i = bad[0]

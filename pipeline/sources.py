@@ -117,6 +117,7 @@ def _stream_source(config: TrainConfig, layout: CacheLayout, dist_state: DistSta
 def _cache_source(config: TrainConfig, layout: CacheLayout, dist_state: DistState,
                   stack: contextlib.ExitStack | None) -> DataSource:
     from pipeline.datasets import CachedImageDataset
+    from pipeline.packs import can_use_pack, load_or_build_pack
 
     skip = config.on_bad_sample == "skip"
     path = find_manifest(config, layout, dist_state)
@@ -133,9 +134,9 @@ def _cache_source(config: TrainConfig, layout: CacheLayout, dist_state: DistStat
         description=f"{path.name} ({len(ds)} images)", manifest=manifest, fetch_wall_s=header.fetch_wall_s,
         shard=header.shard, uri=str(header.uri),
     )
-    if config.pack in ("auto", "on"):
-        from pipeline.packs import load_or_build_pack
-
+    if config.pack == "auto" and not can_use_pack(manifest, layout.packs, config.image_size):
+        log.warning("the cache at %s is read-only: training without a decoded pack (decoding every epoch)", layout.root)
+    elif config.pack in ("auto", "on"):
         pack = load_or_build_pack(ds, image_size=config.image_size, progress=config.progress and dist_state.main, skip_bad=skip)
         src.batches = PackedBatches(pack.images, manifest.label)
         src.indices = np.setdiff1d(np.arange(len(ds)), np.asarray(pack.bad, dtype=np.int64))
