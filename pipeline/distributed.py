@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ def from_rank0(obj: T, dist_state: DistState) -> T:
     return holder[0]
 
 
-def reduce_totals(values: list[float], dist_state: DistState, *, op: str = "sum") -> list[float]:
+def reduce_totals(values: list[float], dist_state: DistState, *, op: Literal["sum", "max"] = "sum") -> list[float]:
     """``values`` summed (or ``op="max"``) over the ranks, element by element."""
     t = torch.tensor(values, dtype=torch.float64)
     if dist_state.world > 1:
@@ -148,7 +148,7 @@ def shard_of_rank(shard: ShardSpec, dist_state: DistState) -> bool:
     return world % count == 0 and dist_state.rank // (world // count) == shard.index
 
 
-def pick_rank_manifest(shards: dict[Path, ShardSpec | None], uri: S3Uri, dist_state: DistState, where: Path) -> Path:
+def pick_rank_manifest(shards: dict[Path, ShardSpec | None], uri: S3Uri, dist_state: DistState, manifests_dir: Path) -> Path:
     """This rank's manifest among those of one prefix (``shards``: path -> its shard, oldest first).
 
     A full manifest if there is one (every rank then samples it through ``DistributedSampler``), else
@@ -176,7 +176,7 @@ def pick_rank_manifest(shards: dict[Path, ShardSpec | None], uri: S3Uri, dist_st
     fix = (f"`make fetch PREFIX={uri} SHARD={rank // (world // count)}/{count}` on this node" if count > 1
            else f"`make fetch PREFIX={uri}` (the full prefix)")
     have = ", ".join(sorted({str(s) for s in shards.values()}))
-    raise FileNotFoundError(f"{where} holds shards {have} of {uri}, none for rank {rank} of {world}; run {fix} or pass --manifest")
+    raise FileNotFoundError(f"{manifests_dir} holds shards {have} of {uri}, none for rank {rank} of {world}; run {fix} or pass --manifest")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,6 +24,7 @@ import torch
 
 from cache.atomic import atomic_write_bytes, atomic_writer
 from pipeline.distributed import DistState
+from pipeline.model import VAE
 
 METRIC_COLUMNS = ("epoch", "iteration", "dataloading_time", "training_time", "batch_time", "loss", "recon", "kl")
 CHECKPOINT = "checkpoint.pt"
@@ -78,7 +79,7 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def save_pictures(vae: torch.nn.Module, preview: torch.Tensor, out: Path, device: torch.device, seed: int,
+def save_pictures(vae: VAE, preview: torch.Tensor, out: Path, device: torch.device, seed: int,
                   metrics: MetricsLog) -> None:
     """``reconstructions.png`` of ``preview``, ``samples.png`` from the prior, ``loss.png`` of the rows."""
     from pipeline.plots import save_loss_curve, save_reconstructions, save_samples
