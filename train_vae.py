@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.images import IMG_EXTENSIONS
+
     p = argparse.ArgumentParser(prog="train_vae.py", description="Train a VAE on images mirrored by `make fetch`.")
     p.add_argument("-w", "--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("-b", "--batch", type=int, default=16, help="batch size (default 16)")
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop with the key of a corrupt or undecodable blob (default) or skip and count it")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's, one per core; 1 is faster on a busy shared machine)")
+    p.add_argument("--extensions", default=",".join(IMG_EXTENSIONS),
+                   help="keys ending in these (comma-separated, case-insensitive) are images; others are ignored "
+                        f"(default {','.join(IMG_EXTENSIONS)})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -61,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             amp=args.amp, source=args.source, prefix=args.prefix, endpoint=args.endpoint, manifest=args.manifest,
             cache_dir=args.cache_dir, out=args.out, resume=args.resume, force_resume=args.force_resume, pack=args.pack,
             on_bad_sample=args.on_bad_sample, progress=not args.no_progress, threads=args.threads,
+            extensions=args.extensions,
         )
         summary = train(config)
     except (ValueError, FileNotFoundError, StorageError, FloatingPointError, sqlite3.Error, OSError) as e:

@@ -16,6 +16,8 @@ any key round-trips exactly (:func:`read_key_list`).
 
 from __future__ import annotations
 
+import contextlib
+
 import datetime as _dt
 import hashlib
 import json
@@ -138,7 +140,9 @@ def write_manifest(
 ) -> Path:
     """Write ``<name>.jsonl`` and ``<name>.keys`` atomically; return the manifest path.
 
-    ``endpoint`` must already be free of credentials (the caller strips them).
+    ``endpoint`` must already be free of credentials (the caller strips them). When ``extra`` holds the
+    fetch summary (``fetch``), the header also gets ``network``: the cost of bringing this listing's
+    data, carried over from the manifest it replaces (see :func:`network_cost`).
     """
     extra = dict(extra or {})
     lines: list[bytes] = []
@@ -164,6 +168,8 @@ def write_manifest(
     layout.manifests.mkdir(parents=True, exist_ok=True)
     stem = header.name
     path = layout.manifests / f"{stem}{MANIFEST_SUFFIX}"
+    if "fetch" in extra and "network" not in extra:
+        extra["network"] = _next_network_cost(path, extra["fetch"])
     # Key list first: a reader that finds the manifest can rely on its key list being at least as new.
     with atomic_writer(layout.manifests / f"{stem}{KEYS_SUFFIX}") as f:
         f.write("".join(escape_key(k) + "\n" for k in keys).encode("utf-8"))
@@ -171,6 +177,36 @@ def write_manifest(
         f.write((json.dumps(header.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8"))
         f.writelines(lines)
     return path
+
+
+def network_cost(extra: dict[str, Any]) -> dict[str, Any] | None:
+    """What it cost to bring a manifest's data over the network: ``{"bytes", "seconds", "objects", "runs"}``
+    summed over the fetch runs that downloaded anything (a no-op re-fetch costs nothing and adds
+    nothing). None when unknown (a manifest not written by fetch)."""
+    if "network" in extra:
+        return extra["network"]
+    fetch = extra.get("fetch") or {}
+    if not fetch.get("fetched"):
+        return None
+    # A manifest from before ``network`` existed: its own fetch is all that is known.
+    return {"bytes": int(fetch.get("bytes_fetched", 0)), "seconds": float(fetch.get("wall_s", 0.0)),
+            "objects": int(fetch["fetched"]), "runs": 1}
+
+
+def _next_network_cost(path: Path, fetch: dict[str, Any]) -> dict[str, Any] | None:
+    """The replaced manifest's network cost plus this fetch's, if it downloaded anything."""
+    previous = None
+    if path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            previous = network_cost(read_manifest_header(path).extra)
+    if not fetch.get("fetched"):
+        return previous
+    total = dict(previous or {"bytes": 0, "seconds": 0.0, "objects": 0, "runs": 0})
+    total["bytes"] += int(fetch.get("bytes_fetched", 0))
+    total["seconds"] = round(total["seconds"] + float(fetch.get("wall_s", 0.0)), 3)
+    total["objects"] += int(fetch["fetched"])
+    total["runs"] += 1
+    return total
 
 
 def read_manifest_header(path: str | os.PathLike[str]) -> ManifestHeader:

@@ -39,7 +39,9 @@ from cache.atomic import atomic_write_bytes, atomic_writer
 from cache.layout import CacheLayout
 from cache.locks import cache_lock
 from cache.verify import GC_LOCK
-from cache.manifest import ManifestArrays, latest_manifest, list_manifests, load_manifest, read_manifest_header
+from cache.manifest import ManifestArrays, latest_manifest, list_manifests, load_manifest, network_cost, read_manifest_header
+from pipeline.hints import fetch_hint, verify_hint
+from pipeline.images import IMG_EXTENSIONS, parse_extensions
 from pipeline.model import VAE, VAEConfig
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class TrainConfig:
     on_bad_sample: str = "stop"
     progress: bool = True
     threads: int | None = None
+    extensions: tuple[str, ...] = IMG_EXTENSIONS
 
     def __post_init__(self) -> None:
         checks = [
@@ -96,6 +99,7 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        object.__setattr__(self, "extensions", parse_extensions(self.extensions))
         VAEConfig(image_size=self.image_size, latent_dim=self.latent_dim, beta=self.beta)
 
 
@@ -217,10 +221,10 @@ class PackedBatches(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         idx = np.asarray(indices, dtype=np.int64)
         x = torch.from_numpy(np.ascontiguousarray(self.images[idx])).float().div_(255.0)
-        return x, torch.from_numpy(self.labels[idx]), 0
+        return x, torch.from_numpy(self.labels[idx]), []
 
 
 class SampleBatches(Dataset):
@@ -233,19 +237,19 @@ class SampleBatches(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        bad: list[int] = []
         if not self.skip_bad:
             getitems = getattr(self.dataset, "__getitems__", None)
             samples = getitems(list(indices)) if getitems else [self.dataset[i] for i in indices]
-            bad = 0
         else:
             samples = []
             for i in indices:
                 try:
                     samples.append(self.dataset[i])
                 except ValueError as e:
-                    log.warning("skipping %s", e)
-            bad = len(indices) - len(samples)
+                    log.debug("skipping %s", e)
+                    bad.append(int(i))
         if not samples:
             return torch.empty(0), torch.empty(0, dtype=torch.int64), bad
         xs, ys = zip(*samples)
@@ -314,10 +318,15 @@ class DataSource:
     digest: str
     description: str
     manifest: ManifestArrays | None = None
-    fetch_wall_s: float | None = None
-    bad_at_build: int = 0
+    network: dict[str, Any] | None = None
+    bad_at_build: list[int] = field(default_factory=list)
+    ignored: list[int] = field(default_factory=list)
     shard: str | None = None
     preview: list[int] = field(default_factory=list)
+    fix: str = "check --extensions"
+
+    def key(self, i: int) -> str:
+        return self.manifest.keys[i] if self.manifest is not None else str(i)
 
 
 def _shard_of_rank(shard: str, d: Dist) -> bool:
@@ -353,12 +362,19 @@ def find_manifest(config: TrainConfig, d: Dist = Dist()) -> Path:
                    if (h := read_manifest_header(p)).bucket == uri.bucket and h.prefix == uri.prefix]
         if not matches:
             raise FileNotFoundError(
-                f"no manifest for {uri} in {layout.manifests}; run `make fetch PREFIX={uri}` first"
+                f"no manifest for {uri} in {layout.manifests}; run "
+                f"{fetch_hint(str(uri), endpoint=config.endpoint, cache_dir=config.cache_dir)} first"
             )
         if d.world == 1:
             return matches[-1]
     else:
-        newest = latest_manifest(layout)
+        try:
+            newest = latest_manifest(layout)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no manifest in {layout.manifests}; run {fetch_hint(None, cache_dir=config.cache_dir)} for the demo set, "
+                f"or {fetch_hint('s3://bucket/prefix', endpoint=config.endpoint, cache_dir=config.cache_dir)}"
+            ) from None
         if d.world == 1:
             return newest
         top = read_manifest_header(newest)
@@ -382,8 +398,9 @@ def find_manifest(config: TrainConfig, d: Dist = Dist()) -> Path:
 
     counts = sorted({c for s in shards.values() if d.world % (c := parse_shard(s, source="manifest shard").count) == 0})
     count = counts[-1] if counts else max(1, d.world // max(1, d.local_world))
-    fix = (f"`make fetch PREFIX={uri} SHARD={d.rank // (d.world // count)}/{count}` on this node" if count > 1
-           else f"`make fetch PREFIX={uri}` (the full prefix)")
+    endpoint = read_manifest_header(matches[-1]).endpoint
+    fix = (f"{fetch_hint(str(uri), endpoint=endpoint, cache_dir=config.cache_dir, shard=f'{d.rank // (d.world // count)}/{count}')} on this node"
+           if count > 1 else f"{fetch_hint(str(uri), endpoint=endpoint, cache_dir=config.cache_dir)} (the full prefix)")
     have = ", ".join(sorted({str(s) for s in shards.values()}))
     raise FileNotFoundError(
         f"{layout.manifests} holds shards {have} of {uri}, none for rank {d.rank} of {d.world}; run {fix} or pass --manifest"
@@ -396,6 +413,7 @@ def build_source(config: TrainConfig, d: Dist, stack: contextlib.ExitStack | Non
     if config.source == "s3":
         from pipeline.config import ClientOptions, resolve_endpoint
         from pipeline.datasets import DSSDataset
+        from pipeline.images import image_indices
 
         prefix, endpoint = config.prefix, config.endpoint
         if prefix is None:
@@ -404,11 +422,13 @@ def build_source(config: TrainConfig, d: Dist, stack: contextlib.ExitStack | Non
             endpoint = endpoint or (h.endpoint if h.endpoint.startswith("http") else None)
         ds = DSSDataset(prefix, options=ClientOptions(endpoint=resolve_endpoint(endpoint)), client_num=config.clients,
                         load2memory=True, image_size=config.image_size)
-        n = len(ds)
-        return DataSource(batches=SampleBatches(ds, skip_bad=skip), indices=np.arange(n), digest=f"s3:{prefix}",
-                          description=f"{prefix} (streaming, {n} objects)", preview=list(range(min(8, n))))
+        keep = image_indices(ds.listing.keys, config.extensions)
+        ignored = np.setdiff1d(np.arange(len(ds)), keep)
+        return DataSource(batches=SampleBatches(ds, skip_bad=skip), indices=keep, digest=f"s3:{prefix}",
+                          description=f"{prefix} (streaming, {len(keep)} images)", preview=[int(i) for i in keep[:8]],
+                          ignored=[int(i) for i in ignored])
 
-    from pipeline.datasets import CachedImageDataset
+    from pipeline.cached_dataset import CachedImageDataset
     from pipeline.packs import can_use_pack, load_or_build_pack
 
     path = find_manifest(config, d)
@@ -419,21 +439,22 @@ def build_source(config: TrainConfig, d: Dist, stack: contextlib.ExitStack | Non
         # Held (shared) for the whole run: a cache-cap eviction never deletes blobs under training.
         stack.enter_context(cache_lock(CacheLayout.at(config.cache_dir or path.parent.parent), GC_LOCK, shared=True))
     manifest = load_manifest(path)
-    ds = CachedImageDataset(manifest, cache_dir=config.cache_dir, image_size=config.image_size, check_blobs=True)
-    fetch = manifest.header.extra.get("fetch") or {}
+    ds = CachedImageDataset(manifest, cache_dir=config.cache_dir, image_size=config.image_size, check_blobs=True,
+                            extensions=config.extensions)
     src = DataSource(
-        batches=SampleBatches(ds, skip_bad=skip), indices=np.arange(len(ds)), digest=manifest.header.records_sha256,
-        description=f"{path.name} ({len(ds)} images)", manifest=manifest, fetch_wall_s=fetch.get("wall_s"),
-        shard=manifest.header.extra.get("shard"),
+        batches=SampleBatches(ds, skip_bad=skip), indices=ds.image_indices, digest=manifest.header.records_sha256,
+        description=f"{path.name} ({len(ds.image_indices)} images)", manifest=manifest,
+        network=network_cost(manifest.header.extra), shard=manifest.header.extra.get("shard"),
+        ignored=[int(i) for i in ds.ignored_indices],
+        fix=f"check --extensions, or run {verify_hint(repair=True, endpoint=manifest.header.endpoint, cache_dir=ds.layout)}",
     )
-    if config.pack == "auto" and not can_use_pack(manifest, ds.layout.packs, config.image_size):
+    if config.pack == "auto" and not can_use_pack(ds, config.image_size):
         log.warning("the cache at %s is read-only: training without a decoded pack (decoding every epoch)", ds.layout.root)
     elif config.pack in ("auto", "on"):
-
         pack = load_or_build_pack(ds, image_size=config.image_size, progress=config.progress and d.main, skip_bad=skip)
         src.batches = PackedBatches(pack.images, manifest.label)
-        src.indices = np.setdiff1d(np.arange(len(ds)), np.asarray(pack.bad, dtype=np.int64))
-        src.bad_at_build = len(pack.bad)
+        src.indices = np.setdiff1d(ds.image_indices, np.asarray(pack.bad, dtype=np.int64))
+        src.bad_at_build = list(pack.bad)
         src.description += f", decoded pack {pack.path.name}"
     src.preview = [int(i) for i in src.indices[:8]]
     return src
@@ -456,7 +477,8 @@ def _check_shard_cover(info: list[dict[str, Any]]) -> None:
     if missing:
         k = missing[0]
         raise ValueError(f"no rank holds shard {k}/{count} of {info[0]['uri']} ({which}); "
-                         f"run `make fetch PREFIX={info[0]['uri']} SHARD={k}/{count}` on the node that lacks it")
+                         f"run {fetch_hint(info[0]['uri'], endpoint=info[0]['endpoint'], cache_dir=info[0]['cache_dir'], shard=f'{k}/{count}')} "
+                         "on the node that lacks it")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -492,12 +514,14 @@ def plan_ranks(source: DataSource, d: Dist) -> RankPlan:
     """
     h = source.manifest.header if source.manifest is not None else None
     info = _gather({"digest": source.digest, "shard": source.shard, "n": len(source.indices),
-                    "data": source.description, "uri": f"s3://{h.bucket}/{h.prefix}" if h else ""}, d)
+                    "data": source.description, "uri": f"s3://{h.bucket}/{h.prefix}" if h else "", "fix": source.fix,
+                    "endpoint": h.endpoint if h else None,
+                    "cache_dir": str(source.manifest.path.parent.parent) if source.manifest is not None else None}, d)
     empty = [r for r, i in enumerate(info) if i["n"] == 0]
     if empty:
         r = empty[0]
         where = f" on rank {r}" if d.world > 1 else ""
-        raise ValueError(f"no usable samples in {info[r]['data']}{where}; run `make fetch` again (or `python -m pipeline verify --repair`)")
+        raise ValueError(f"no usable samples in {info[r]['data']}{where}; {info[r]['fix']}")
     if d.world == 1:
         return RankPlan(split=None, num_samples=None, digest=source.digest, shards=[source.shard] if source.shard else [])
     kinds = {bool(i["shard"]) for i in info}
@@ -655,7 +679,7 @@ def _train(config: TrainConfig, stack: contextlib.ExitStack) -> dict[str, Any]:
     use_amp = config.amp and device.type == "cuda"
     epoch_times: list[float] = []
     images = 0
-    bad = 0
+    skipped: set[int] = set(source.bad_at_build)
     sums = {"dataloading_time": 0.0, "batch_time": 0.0}
     t_train = time.perf_counter()
 
@@ -680,10 +704,10 @@ def _train(config: TrainConfig, stack: contextlib.ExitStack) -> dict[str, Any]:
             while True:
                 t0 = time.perf_counter()
                 try:
-                    x, _, n_bad = next(it)
+                    x, _, bad_indices = next(it)
                 except StopIteration:
                     break
-                bad += int(n_bad)
+                skipped.update(int(i) for i in bad_indices)
                 if len(x) == 0:
                     continue
                 x = x.to(device, non_blocking=True)
@@ -726,13 +750,14 @@ def _train(config: TrainConfig, stack: contextlib.ExitStack) -> dict[str, Any]:
             _pictures(vae, source, out, device, config.seed, rows)
 
     train_s = time.perf_counter() - t_train
-    totals = torch.tensor([float(images), float(bad)], dtype=torch.float64)
+    totals = torch.tensor([float(images)], dtype=torch.float64)
     wall = torch.tensor([train_s], dtype=torch.float64)
     if d.world > 1:
         dist.all_reduce(totals)
         dist.all_reduce(wall, op=dist.ReduceOp.MAX)
     param_digests = _gather(state_digest(vae), d)
     images_by_rank = _gather(images, d)
+    skipped_keys = sorted({k for keys in _gather([source.key(i) for i in skipped], d) for k in keys})
     if len(set(param_digests)) > 1:
         log.warning("parameters differ between ranks after training: %s", param_digests)
     losses = [float(r["loss"]) for r in rows]
@@ -752,11 +777,16 @@ def _train(config: TrainConfig, stack: contextlib.ExitStack) -> dict[str, Any]:
         "images_per_s": float(totals[0]) / max(float(wall[0]), 1e-9),
         "epoch_times_s": [round(t, 3) for t in epoch_times],
         "training_cost_s": round(float(wall[0]), 3),
-        "network_cost_s": source.fetch_wall_s,
+        "network_cost_s": (source.network or {}).get("seconds"),
+        "network": source.network,
         "data_wait_share": sums["dataloading_time"] / max(sums["batch_time"], 1e-12),
         "loss_first50_mean": first50,
         "loss_last_epoch_mean": float(np.mean(last_epoch)) if last_epoch else float("nan"),
-        "bad_samples_skipped": int(totals[1]) + source.bad_at_build,
+        "bad_samples_skipped": len(skipped_keys),
+        "skipped_keys": skipped_keys,
+        "ignored_keys": len(source.ignored),
+        "ignored_examples": [source.key(i) for i in source.ignored[:5]],
+        "extensions": list(config.extensions),
         "param_sha256": param_digests[0],
         "param_sha256_by_rank": param_digests,
         "params_identical": len(set(param_digests)) == 1,
@@ -780,10 +810,19 @@ def report(summary: dict[str, Any], out: str) -> str:
         f"  loss: first 50 iterations {summary['loss_first50_mean']:.1f} -> last epoch {summary['loss_last_epoch_mean']:.1f} "
         f"(ratio {summary['loss_ratio']:.2f})",
     ]
-    if summary.get("network_cost_s") is not None:
-        lines.append(f"  network cost (fetch wall time) {summary['network_cost_s']:.1f} s vs training cost {summary['training_cost_s']:.1f} s")
+    net = summary.get("network")
+    if net:
+        runs = f"{net['runs']} fetch run{'s' if net['runs'] != 1 else ''}"
+        lines.append(f"  network cost {net['seconds']:.1f} s for {net['bytes'] / 1e6:.1f} MB ({net['objects']} objects, {runs} "
+                     f"that downloaded; no-op re-fetches excluded) vs training cost {summary['training_cost_s']:.1f} s")
+    if summary["ignored_keys"]:
+        shown = ", ".join(repr(k) for k in summary["ignored_examples"][:3])
+        lines.append(f"  ignored {summary['ignored_keys']} keys without an image extension ({shown}"
+                     f"{', ...' if summary['ignored_keys'] > 3 else ''}); --extensions changes the list")
     if summary["bad_samples_skipped"]:
-        lines.append(f"  skipped {summary['bad_samples_skipped']} bad samples")
+        keys = summary["skipped_keys"]
+        shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+        lines.append(f"  skipped {summary['bad_samples_skipped']} bad samples: {shown} (all in summary.json skipped_keys)")
     if summary["world_size"] > 1:
         shards = f"shards {', '.join(summary['data_shards'])}" if summary["data_shards"] else "full manifest on every rank"
         same = "identical" if summary["params_identical"] else "DIFFERENT (see summary.json param_sha256_by_rank)"
