@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -82,6 +83,13 @@ class S3rverServer:
 
     def reset_counts(self) -> None:
         req = urllib.request.Request(self.endpoint + "/_tess/stats", method="DELETE")
+        urllib.request.urlopen(req, timeout=10).close()
+
+    def delete_after_next_list(self, bucket: str, key: str) -> None:
+        """Arm a one-shot fault: the next listing of ``bucket`` still names ``key`` but deletes it just
+        before the answer is sent, so a client lists ``key`` and then finds it gone."""
+        query = urllib.parse.urlencode({"bucket": bucket, "key": key})
+        req = urllib.request.Request(f"{self.endpoint}/_tess/delete-after-list?{query}", method="POST")
         urllib.request.urlopen(req, timeout=10).close()
 
     def stop(self) -> None:
