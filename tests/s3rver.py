@@ -42,14 +42,28 @@ def install(prefix: Path = INSTALL_DIR) -> Path:
     for tool in ("node", "npm"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is not installed; s3rver needs Node.js 20 and npm")
+    # One retry and bounded timeouts: an unreachable registry is reported in seconds (npm's defaults
+    # retry for over a minute), and a black-holed one within about a minute.
     proc = subprocess.run(
-        ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error", f"s3rver@{VERSION}"],
+        ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error",
+         "--fetch-retries=1", "--fetch-retry-mintimeout=1000", "--fetch-retry-maxtimeout=5000",
+         "--fetch-timeout=30000", f"s3rver@{VERSION}"],
         capture_output=True, text=True, timeout=300,
     )
     if proc.returncode != 0 or not (modules / "s3rver" / "package.json").is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"npm install s3rver@{VERSION} failed (exit {proc.returncode}): {tail[0]}")
+        raise RuntimeError(f"npm install s3rver@{VERSION} failed (exit {proc.returncode}): {_npm_reason(proc.stderr or proc.stdout)}")
     return modules
+
+
+def _npm_reason(output: str) -> str:
+    """The line of npm's error output that says why (e.g. ``FetchError: ... ECONNREFUSED``)."""
+    lines = [line.removeprefix("npm error").removeprefix("npm ERR!").strip() for line in output.strip().splitlines()]
+    lines = [line for line in lines if line]
+    for marker in ("reason:", "FetchError", "code "):
+        for line in lines:
+            if marker in line:
+                return line
+    return lines[-1] if lines else "no output"
 
 
 class S3rverServer:

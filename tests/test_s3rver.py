@@ -108,7 +108,8 @@ def test_listing_over_1000_keys_paginates_and_refetch_sends_no_get(capsys, s3rve
     cache_dir = tmp_path / "cache"
     uri = f"s3://{many_bucket}/many/"
     s3rver_server.reset_counts()
-    rc, out, err, manifest = _fetch(capsys, s3rver_env, uri, cache_dir)
+    # Two DataLoader workers and two clients: concurrent GETs against s3rver.
+    rc, out, err, manifest = _fetch(capsys, s3rver_env, uri, cache_dir, "--workers", "2", "--clients", "2")
     assert rc == 0, err
     first = s3rver_server.counts
     m = load_manifest(manifest)
@@ -306,7 +307,8 @@ WRONG_SECRET = "wrong-secret-5f2e9c1d8a7b"
         ("wrong-credentials", ["access key id is not known to the server (InvalidAccessKeyId)", "check AWS_ACCESS_KEY_ID"]),
         ("missing-bucket", ["bucket 'no-such-bucket-", "does not exist at http://127.0.0.1:", "check PREFIX"]),
         ("empty-prefix", ["no objects under s3://", "/nothing-here/", "check PREFIX"]),
-        ("unreachable-endpoint", ["cannot reach the S3 endpoint http://127.0.0.1:"]),
+        ("only-folder-markers", ["no objects under s3://", "/markers/", "check PREFIX"]),
+        ("unreachable-endpoint", ["cannot reach the S3 endpoint http://127.0.0.1:", "check ENDPOINT"]),
     ],
 )
 def test_errors_are_one_line_exit_2_and_keep_the_cache(precious, s3rver_server, s3rver_env, s3c, case, fragments):
@@ -319,6 +321,10 @@ def test_errors_are_one_line_exit_2_and_keep_the_cache(precious, s3rver_server, 
         uri = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/p/"
     elif case == "empty-prefix":
         uri = f"s3://{bucket}/nothing-here/"
+    elif case == "only-folder-markers":  # zero-byte keys ending in "/" are not objects to fetch
+        for key in ("markers/", "markers/sub/"):
+            s3c.put_object(Bucket=bucket, Key=key, Body=b"")
+        uri = f"s3://{bucket}/markers/"
     elif case == "unreachable-endpoint":
         endpoint = f"http://127.0.0.1:{closed_port()}"
     # A child process, as a user runs it: fresh credentials, the real stderr (logging included).
