@@ -130,6 +130,13 @@ def test_listing_over_1000_keys_paginates_and_refetch_sends_no_get(capsys, s3rve
     assert load_manifest(again).header.extra["fetch"]["cached"] == N_MANY + 1
     assert load_manifest(again).header.records_sha256 == m.header.records_sha256
 
+    # --limit past the first page: the first 1,001 listed keys, from both pages, all cached.
+    s3rver_server.reset_counts()
+    rc, out, err, limited = _fetch(capsys, s3rver_env, uri, cache_dir, "--limit", "1001")
+    assert rc == 0, err
+    assert list(load_manifest(limited).keys) == expected[:1001]
+    assert s3rver_server.counts == {"LIST": 2}
+
 
 # Printable odd keys s3rver can store (see the module docstring for the ones it cannot).
 ODD_KEYS = [
@@ -256,7 +263,9 @@ def test_key_deleted_between_list_and_get_is_reported(capsys, s3rver_server, s3r
     s3rver_server.delete_after_next_list(sbucket, "del/k3_0.bin")
     rc, out, err, manifest = _fetch(capsys, s3rver_env, uri, cache_dir)
     assert rc == 3, (out, err)
-    assert "del/k3_0.bin" in out + err and "deleted" in out + err, (out, err)
+    # Named on stderr with the cause, and counted in the summary line.
+    assert f"s3://{sbucket}/del/k3_0.bin: deleted since the listing" in err, err
+    assert "missing 1" in out, out
     assert manifest is not None
     m = load_manifest(manifest)
     assert list(m.keys) == [f"del/k{i}_0.bin" for i in range(6) if i != 3]
@@ -282,35 +291,43 @@ def _cache_state(cache_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def precious(capsys, s3rver_env, s3c, tmp_path):
+def precious(capsys, s3rver_server, s3rver_env, s3c, tmp_path):
     """A cache already holding a fetched prefix of s3rver, which no failing fetch may change."""
     bucket = _new_bucket(s3c)
     for i in range(3):
         s3c.put_object(Bucket=bucket, Key=f"keep/k{i}_0.bin", Body=f"precious {i}".encode())
     cache_dir = tmp_path / "cache"
-    rc, _, err, _ = _fetch(capsys, s3rver_env, f"s3://{bucket}/keep/", cache_dir)
+    uri = f"s3://{bucket}/keep/"
+    rc, _, err, manifest = _fetch(capsys, s3rver_env, uri, cache_dir)
     assert rc == 0, err
+    records_sha256 = load_manifest(manifest).header.records_sha256
     before = _cache_state(cache_dir)
     assert len(before) == 3 + 2  # 3 blobs, the manifest and its key list
     yield cache_dir
     assert _cache_state(cache_dir) == before
     assert not (cache_dir / "tmp").is_dir() or list((cache_dir / "tmp").iterdir()) == []
+    # The key index still knows every cached object: fetching the prefix again sends no GET.
+    s3rver_server.reset_counts()
+    rc, _, err, again = _fetch(capsys, s3rver_env, uri, cache_dir)
+    assert rc == 0 and s3rver_server.counts == {"LIST": 1}, (err, s3rver_server.counts)
+    assert load_manifest(again).header.records_sha256 == records_sha256
 
 
 WRONG_KEY_ID = "AKIANOTS3RVER0000000"
 WRONG_SECRET = "wrong-secret-5f2e9c1d8a7b"
 
 
-@pytest.mark.parametrize(
-    ("case", "fragments"),
-    [
-        ("wrong-credentials", ["access key id is not known to the server (InvalidAccessKeyId)", "check AWS_ACCESS_KEY_ID"]),
-        ("missing-bucket", ["bucket 'no-such-bucket-", "does not exist at http://127.0.0.1:", "check PREFIX"]),
-        ("empty-prefix", ["no objects under s3://", "/nothing-here/", "check PREFIX"]),
-        ("only-folder-markers", ["no objects under s3://", "/markers/", "check PREFIX"]),
-        ("unreachable-endpoint", ["cannot reach the S3 endpoint http://127.0.0.1:", "check ENDPOINT"]),
-    ],
-)
+ERROR_CASES = {
+    # case: fragments of the one error line (the problem, then the fix)
+    "wrong-credentials": ["access key id is not known to the server (InvalidAccessKeyId)", "check AWS_ACCESS_KEY_ID"],
+    "missing-bucket": ["bucket 'no-such-bucket-", "does not exist at http://127.0.0.1:", "check PREFIX"],
+    "empty-prefix": ["no objects under s3://", "/nothing-here/", "check PREFIX"],
+    "only-folder-markers": ["no objects under s3://", "/markers/", "check PREFIX"],
+    "unreachable-endpoint": ["cannot reach the S3 endpoint http://127.0.0.1:", "check ENDPOINT"],
+}
+
+
+@pytest.mark.parametrize(("case", "fragments"), list(ERROR_CASES.items()), ids=list(ERROR_CASES))
 def test_errors_are_one_line_exit_2_and_keep_the_cache(precious, s3rver_server, s3rver_env, s3c, case, fragments):
     bucket = _new_bucket(s3c)
     s3c.put_object(Bucket=bucket, Key="p/a_1.bin", Body=b"a")
