@@ -116,10 +116,12 @@ def test_listing_over_1000_keys_paginates_and_refetch_sends_no_get(capsys, s3rve
     expected = sorted([f"many/k{i:05d}" for i in range(N_MANY)] + ["many/empty-file"])
     assert list(m.keys) == expected  # every page, in listing order; the folder marker skipped
     assert m.header.count == N_MANY + 1 and m.header.extra["fetch"]["listed"] == N_MANY + 1
-    assert first["LIST"] == 2  # 1,000 + 235: the second page came from s3rver's continuation token
+    assert first["LIST"] == 2  # 1,000 + 236 entries: the second page came from s3rver's continuation token
     assert first["GET"] == m.header.extra["fetch"]["fetched"] >= N_MANY
-    for i in (0, 999, 1000, N_MANY - 1):  # both sides of the page boundary
-        rec = _records(manifest)[f"many/k{i:05d}"]
+    records = _records(manifest)
+    assert records["many/empty-file"]["sha256"] == hashlib.sha256(b"").hexdigest()
+    for i in (0, 997, 998, N_MANY - 1):  # both sides of the page boundary (after empty-file, folder/)
+        rec = records[f"many/k{i:05d}"]
         assert rec["sha256"] == hashlib.sha256(_body(i)).hexdigest() and rec["size"] == len(_body(i))
         assert rec["etag"] == _quoted_md5(_body(i))
 
