@@ -31,7 +31,7 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "tess default": ([], {}),
     "--threads 1": (["--threads", "1"], {}),
     "--threads 2": (["--threads", "2"], {}),
-    "--threads 2, OMP_WAIT_POLICY=PASSIVE": (["--threads", "2"], {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "--threads 2 + OMP_WAIT_POLICY=PASSIVE": (["--threads", "2"], {"OMP_WAIT_POLICY": "PASSIVE"}),
 }
 
 
