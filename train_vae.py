@@ -42,6 +42,8 @@ FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "on_bad_sample": (("--on-bad-sample",), "stop with the key of a corrupt or undecodable blob, or skip and count it (default %(default)s)"),
     "progress": (("--no-progress",), "no progress bars"),
     "threads": (("--threads",), "torch intra-op threads (default: torch's, one per core; 1 is faster on a busy shared machine)"),
+    "extensions": (("--extensions",), "keys ending in these (comma-separated, case-insensitive) are images; others are "
+                                      "ignored (default %(default)s)"),
 }
 
 
@@ -58,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         # The annotation is a string (``from __future__ import annotations``): "int | None" parses as int.
         kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-        p.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices.get(f.name), help=text)
+        # A tuple is written as a comma-separated list; TrainConfig parses it back.
+        default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        p.add_argument(*flags, dest=f.name, type=kind, default=default, choices=choices.get(f.name), help=text)
     return p
 
 

@@ -2,7 +2,7 @@
 
 A batch dataset is indexed by a whole list of sample indices and returns ``(images, labels, bad)``:
 :class:`PackedBatches` cuts a batch out of a decoded pack with one fancy index, :class:`SampleBatches`
-stacks samples of a per-sample dataset (and counts the bad ones it skips). :class:`EpochBatchSampler`
+stacks samples of a per-sample dataset (``bad``: the indices it skipped, with ``--on-bad-sample skip``). :class:`EpochBatchSampler`
 yields those index lists, reshuffled per epoch from (seed, epoch) alone so that a resumed run sees
 exactly the batches of an uninterrupted one. Training (``pipeline.train``) and the benchmarks
 (``bench/``) use these same classes.
@@ -30,10 +30,10 @@ class PackedBatches(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         idx = np.asarray(indices, dtype=np.int64)
         x = torch.from_numpy(np.ascontiguousarray(self.images[idx])).float().div_(255.0)
-        return x, torch.from_numpy(self.labels[idx]), 0
+        return x, torch.from_numpy(self.labels[idx]), []
 
 
 class SampleBatches(Dataset):
@@ -46,19 +46,19 @@ class SampleBatches(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        bad: list[int] = []
         if not self.skip_bad:
             getitems = getattr(self.dataset, "__getitems__", None)
             samples = getitems(list(indices)) if getitems else [self.dataset[i] for i in indices]
-            bad = 0
         else:
             samples = []
             for i in indices:
                 try:
                     samples.append(self.dataset[i])
                 except ValueError as e:
-                    log.warning("skipping %s", e)
-            bad = len(indices) - len(samples)
+                    log.debug("skipping %s", e)
+                    bad.append(int(i))
         if not samples:
             return torch.empty(0), torch.empty(0, dtype=torch.int64), bad
         xs, ys = zip(*samples)

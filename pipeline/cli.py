@@ -19,7 +19,7 @@ from pathlib import Path
 from cache.blobs import BlobWriteError
 from cache.layout import CacheLayout
 from pipeline.config import EMBEDDED_DEMO, ClientOptions, S3Uri, resolve_endpoint
-from pipeline.hints import verify_hint
+from pipeline.hints import fetch_hint, verify_hint
 from pipeline.s3 import StorageError
 
 log = logging.getLogger("tess")
@@ -76,7 +76,7 @@ def _byte_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="tess: mirror S3 prefixes into a content-addressed cache.")
+    parser = argparse.ArgumentParser(prog="tess", description="tess: mirror S3 prefixes into a content-addressed cache.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fetch", help="mirror an S3 prefix into the cache and write its manifest")
@@ -228,7 +228,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     layout = CacheLayout.at(args.cache_dir)
     if not layout.manifests.is_dir():
-        raise FileNotFoundError(f"no cache at {layout.root}; run `make fetch` first or pass --cache-dir")
+        raise FileNotFoundError(f"no cache at {layout.root}; run "
+                                f"{fetch_hint('s3://bucket/prefix', endpoint=args.endpoint, cache_dir=args.cache_dir)} first, "
+                                "or pass the --cache-dir of an existing cache")
     with tqdm(desc="verify", unit="blob", disable=args.no_progress, dynamic_ncols=True) as bar:
         report = verify_cache(layout, progress=bar.update)
     missing = sum(p.kind == "missing" for p in report.problems)

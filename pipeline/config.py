@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from cache.uri import S3Uri
 
-__all__ = ["AWS_ENDPOINT", "EMBEDDED_DEMO", "ClientOptions", "S3Uri", "TrainConfig", "check_endpoint",
-           "manifest_endpoint", "redact_url", "resolve_endpoint"]
+__all__ = ["AWS_ENDPOINT", "EMBEDDED_DEMO", "IMG_EXTENSIONS", "ClientOptions", "S3Uri", "TrainConfig", "check_endpoint",
+           "manifest_endpoint", "parse_extensions", "redact_url", "resolve_endpoint"]
 
 ENV_ENDPOINTS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 RETRY_MODES = ("standard", "adaptive", "legacy")
@@ -115,6 +116,32 @@ class ClientOptions:
         return self.endpoint or AWS_ENDPOINT
 
 
+# torchvision.datasets.folder.IMG_EXTENSIONS, plus .gif (Pillow decodes it, as it does all of these).
+IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def parse_extensions(text: str | Iterable[str]) -> tuple[str, ...]:
+    """``".png,.JPG"`` or ``["png", ".jpg"]`` -> ``(".png", ".jpg")`` (lowercase, with the dot).
+
+    Raises:
+        ValueError: no extension given, or one with a path separator or a space.
+    """
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for item in items:
+        ext = item.strip().lower()
+        if not ext:
+            continue
+        ext = ext if ext.startswith(".") else "." + ext
+        if "/" in ext or " " in ext or ext == ".":
+            raise ValueError(f"--extensions: {item!r} is not a file extension; pass a list like .png,.jpg")
+        if ext not in out:
+            out.append(ext)
+    if not out:
+        raise ValueError(f"--extensions {text!r} names no extension; pass a list like .png,.jpg,.jpeg")
+    return tuple(out)
+
+
 SOURCES = ("cache", "s3")
 PACK_MODES = ("auto", "on", "off")
 BAD_SAMPLE_MODES = ("stop", "skip")
@@ -147,6 +174,7 @@ class TrainConfig:
     on_bad_sample: str = "stop"
     progress: bool = True
     threads: int | None = None
+    extensions: tuple[str, ...] = IMG_EXTENSIONS
 
     def __post_init__(self) -> None:
         checks = [
@@ -165,6 +193,7 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        object.__setattr__(self, "extensions", parse_extensions(self.extensions))
         # Imported here, not at the top: the model module imports torch, and this module must not
         # (``python -m pipeline fetch`` and ``train_vae.py --help`` read it).
         from pipeline.model import VAEConfig

@@ -10,6 +10,7 @@ single-process case: rank 0 of 1, no collectives.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -23,8 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cache.layout import CacheLayout
 from cache.shard import ShardSpec
 from cache.uri import S3Uri
+from pipeline.hints import fetch_hint
 
 T = TypeVar("T")
 
@@ -148,8 +151,10 @@ def shard_of_rank(shard: ShardSpec, dist_state: DistState) -> bool:
     return world % count == 0 and dist_state.rank // (world // count) == shard.index
 
 
-def pick_rank_manifest(shards: dict[Path, ShardSpec | None], uri: S3Uri, dist_state: DistState, manifests_dir: Path) -> Path:
-    """This rank's manifest among those of one prefix (``shards``: path -> its shard, oldest first).
+def pick_rank_manifest(shards: dict[Path, ShardSpec | None], uri: S3Uri, dist_state: DistState, layout: CacheLayout,
+                       endpoint: str) -> Path:
+    """This rank's manifest among those of one prefix (``shards``: path -> its shard, oldest first;
+    ``layout`` and ``endpoint``: the cache and the manifests' endpoint label, for the fetch hint).
 
     A full manifest if there is one (every rank then samples it through ``DistributedSampler``), else
     the newest shard manifest that belongs to this rank (:func:`shard_of_rank`), else the only shard
@@ -173,10 +178,11 @@ def pick_rank_manifest(shards: dict[Path, ShardSpec | None], uri: S3Uri, dist_st
     rank, world = dist_state.rank, dist_state.world
     counts = sorted({s.count for s in shards.values() if s is not None and world % s.count == 0})
     count = counts[-1] if counts else max(1, world // max(1, dist_state.local_world))
-    fix = (f"`make fetch PREFIX={uri} SHARD={rank // (world // count)}/{count}` on this node" if count > 1
-           else f"`make fetch PREFIX={uri}` (the full prefix)")
+    hint = functools.partial(fetch_hint, str(uri), endpoint=endpoint, cache_dir=layout)
+    fix = (f"{hint(shard=f'{rank // (world // count)}/{count}')} on this node" if count > 1 else f"{hint()} (the full prefix)")
     have = ", ".join(sorted({str(s) for s in shards.values()}))
-    raise FileNotFoundError(f"{manifests_dir} holds shards {have} of {uri}, none for rank {rank} of {world}; run {fix} or pass --manifest")
+    raise FileNotFoundError(f"{layout.manifests} holds shards {have} of {uri}, none for rank {rank} of {world}; "
+                            f"run {fix} or pass --manifest")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,7 +193,10 @@ class RankShare:
     shard: ShardSpec | None
     samples: int
     description: str
+    fix: str = ""
     uri: str = ""
+    endpoint: str | None = None
+    cache_dir: str | None = None
 
 
 def check_shard_cover(shares: list[RankShare]) -> None:
@@ -203,9 +212,9 @@ def check_shard_cover(shares: list[RankShare]) -> None:
     count = counts.pop()
     missing = [k for k in range(count) if ShardSpec(k, count) not in by_shard]
     if missing:
-        k, uri = missing[0], shares[0].uri
-        raise ValueError(f"no rank holds shard {k}/{count} of {uri} ({which}); "
-                         f"run `make fetch PREFIX={uri} SHARD={k}/{count}` on the node that lacks it")
+        k, first = missing[0], shares[0]
+        hint = fetch_hint(first.uri, endpoint=first.endpoint, cache_dir=first.cache_dir, shard=f"{k}/{count}")
+        raise ValueError(f"no rank holds shard {k}/{count} of {first.uri} ({which}); run {hint} on the node that lacks it")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,8 +253,7 @@ def plan_ranks(mine: RankShare, dist_state: DistState) -> RankPlan:
     if empty:
         r = empty[0]
         where = f" on rank {r}" if dist_state.world > 1 else ""
-        raise ValueError(f"no usable samples in {shares[r].description}{where}; "
-                         "run `make fetch` again (or `python -m pipeline verify --repair`)")
+        raise ValueError(f"no usable samples in {shares[r].description}{where}; {shares[r].fix}")
     if dist_state.world == 1:
         return RankPlan(split=None, num_samples=None, digest=mine.digest, shards=[str(mine.shard)] if mine.shard else [])
     kinds = {s.shard is not None for s in shares}

@@ -11,9 +11,7 @@ import os
 import shlex
 
 from cache.layout import CacheLayout, default_cache_dir
-
-# The manifest endpoint label of the embedded demo server (no PREFIX given to fetch).
-EMBEDDED_DEMO = "embedded-demo"
+from pipeline.config import EMBEDDED_DEMO, manifest_endpoint
 
 
 def _cache_dir_arg(cache_dir: str | os.PathLike[str] | CacheLayout | None) -> str | None:
@@ -26,7 +24,7 @@ def _cache_dir_arg(cache_dir: str | os.PathLike[str] | CacheLayout | None) -> st
 
 def _endpoint_arg(endpoint: str | None) -> str | None:
     """An endpoint URL worth naming: a real URL (a manifest's label may be ``aws`` or the demo's)."""
-    return endpoint if endpoint and endpoint.startswith(("http://", "https://")) else None
+    return manifest_endpoint(endpoint or "")
 
 
 def fetch_hint(uri: str | None, *, endpoint: str | None = None, cache_dir=None, shard: str | None = None) -> str:

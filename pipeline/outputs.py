@@ -116,10 +116,15 @@ class TrainSummary:
     epoch_times_s: list[float]
     training_cost_s: float
     network_cost_s: float | None
+    network: dict[str, Any] | None
     data_wait_share: float
     loss_first50_mean: float
     loss_last_epoch_mean: float
     bad_samples_skipped: int
+    skipped_keys: list[str]
+    ignored_keys: int
+    ignored_examples: list[str]
+    extensions: list[str]
     param_sha256: str
     param_sha256_by_rank: list[str]
     params_identical: bool
@@ -142,10 +147,18 @@ class TrainSummary:
             f"  loss: first 50 iterations {self.loss_first50_mean:.1f} -> last epoch {self.loss_last_epoch_mean:.1f} "
             f"(ratio {self.loss_ratio:.2f})",
         ]
-        if self.network_cost_s is not None:
-            lines.append(f"  network cost (fetch wall time) {self.network_cost_s:.1f} s vs training cost {self.training_cost_s:.1f} s")
+        if self.network:
+            net = self.network
+            runs = f"{net['runs']} fetch run{'s' if net['runs'] != 1 else ''}"
+            lines.append(f"  network cost {net['seconds']:.1f} s for {net['bytes'] / 1e6:.1f} MB ({net['objects']} objects, {runs} "
+                         f"that downloaded; no-op re-fetches excluded) vs training cost {self.training_cost_s:.1f} s")
+        if self.ignored_keys:
+            shown = ", ".join(repr(k) for k in self.ignored_examples[:3])
+            lines.append(f"  ignored {self.ignored_keys} keys without an image extension ({shown}"
+                         f"{', ...' if self.ignored_keys > 3 else ''}); --extensions changes the list")
         if self.bad_samples_skipped:
-            lines.append(f"  skipped {self.bad_samples_skipped} bad samples")
+            shown = ", ".join(repr(k) for k in self.skipped_keys[:5]) + (", ..." if len(self.skipped_keys) > 5 else "")
+            lines.append(f"  skipped {self.bad_samples_skipped} bad samples: {shown} (all in summary.json skipped_keys)")
         if self.world_size > 1:
             shards = f"shards {', '.join(self.data_shards)}" if self.data_shards else "full manifest on every rank"
             same = "identical" if self.params_identical else "DIFFERENT (see summary.json param_sha256_by_rank)"

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from cache.layout import CacheLayout
-from cache.manifest import StringArray, load_manifest
+from cache.manifest import load_manifest
+from cache.strings import StringArray
 from cache.verify import Problem
 from pipeline.config import EMBEDDED_DEMO, ClientOptions, manifest_endpoint
 from pipeline.datasets import DSSDataset

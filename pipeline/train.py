@@ -94,7 +94,7 @@ class _Totals:
 
     iteration: int = 0
     images: int = 0
-    bad: int = 0
+    skipped: set[int] = field(default_factory=set)  # indices of bad samples, each counted once
     wait_s: float = 0.0
     batch_s: float = 0.0
     epoch_times: list[float] = field(default_factory=list)
@@ -143,7 +143,7 @@ def _train(config: TrainConfig, stack: contextlib.ExitStack) -> TrainSummary:
                                 num_samples=run.plan.num_samples)
     loader = _loader(run, sampler)
     metrics = MetricsLog(out, dist_state, keep_before_epoch=start_epoch if config.resume else None)
-    totals = _Totals(iteration=len(metrics.rows))
+    totals = _Totals(iteration=len(metrics.rows), skipped=set(source.bad_at_build))
 
     # epochs
     t_train = time.perf_counter()
@@ -233,10 +233,10 @@ def _run_epoch(run: _Run, model: nn.Module, optimizer: torch.optim.Optimizer, lo
         while True:
             t0 = time.perf_counter()
             try:
-                x, _, n_bad = next(batches)
+                x, _, bad_indices = next(batches)
             except StopIteration:
                 break
-            totals.bad += int(n_bad)
+            totals.skipped.update(int(i) for i in bad_indices)
             if len(x) == 0:
                 continue
             x = x.to(device, non_blocking=True)
@@ -270,10 +270,12 @@ def _run_epoch(run: _Run, model: nn.Module, optimizer: torch.optim.Optimizer, lo
 def _summarize(run: _Run, vae: VAE, metrics: MetricsLog, totals: _Totals, train_s: float) -> TrainSummary:
     """The run's summary, from every rank's figures (collectives: every rank calls it)."""
     dist_state = run.dist_state
-    images, bad = reduce_totals([float(totals.images), float(totals.bad)], dist_state)
+    source = run.source
+    (images,) = reduce_totals([float(totals.images)], dist_state)
     (wall,) = reduce_totals([train_s], dist_state, op="max")
     param_digests = gather(state_digest(vae), dist_state)
     images_by_rank = gather(totals.images, dist_state)
+    skipped_keys = sorted({k for keys in gather([source.key(i) for i in totals.skipped], dist_state) for k in keys})
     if len(set(param_digests)) > 1:
         log.warning("parameters differ between ranks after training: %s", param_digests)
     losses = metrics.losses()
@@ -281,13 +283,15 @@ def _summarize(run: _Run, vae: VAE, metrics: MetricsLog, totals: _Totals, train_
     first50 = float(np.mean(losses[:50])) if losses else float("nan")
     last_mean = float(np.mean(last_epoch)) if last_epoch else float("nan")
     return TrainSummary(
-        device=str(run.device), world_size=dist_state.world, source=run.config.source, data=run.source.description,
+        device=str(run.device), world_size=dist_state.world, source=run.config.source, data=source.description,
         data_digest=run.plan.digest, data_shards=run.plan.shards, epochs_run=len(totals.epoch_times),
         iterations=totals.iteration, images=int(images), images_by_rank=images_by_rank,
         images_per_s=images / max(wall, 1e-9), epoch_times_s=[round(t, 3) for t in totals.epoch_times],
-        training_cost_s=round(wall, 3), network_cost_s=run.source.fetch_wall_s,
+        training_cost_s=round(wall, 3), network_cost_s=(source.network or {}).get("seconds"), network=source.network,
         data_wait_share=totals.wait_s / max(totals.batch_s, 1e-12), loss_first50_mean=first50,
-        loss_last_epoch_mean=last_mean, bad_samples_skipped=int(bad) + run.source.bad_at_build,
+        loss_last_epoch_mean=last_mean, bad_samples_skipped=len(skipped_keys), skipped_keys=skipped_keys,
+        ignored_keys=len(source.ignored), ignored_examples=[source.key(i) for i in source.ignored[:5]],
+        extensions=list(run.config.extensions),
         param_sha256=param_digests[0], param_sha256_by_rank=param_digests, params_identical=len(set(param_digests)) == 1,
         config=asdict(run.config), loss_ratio=last_mean / first50 if losses else float("nan"),
     )

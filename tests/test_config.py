@@ -108,15 +108,18 @@ def test_train_vae_flags_take_their_defaults_from_train_config():
     parser = train_vae.build_parser()
     args = parser.parse_args([])
     fields = dataclasses.fields(TrainConfig)
-    # Every field has a flag, and every flag's default is the field's default.
-    assert {f.name: getattr(args, f.name) for f in fields} == {f.name: f.default for f in fields}
-    assert TrainConfig(**{f.name: getattr(args, f.name) for f in fields}) == TrainConfig()
+    # Every field has a flag, and every flag's default is the field's default (a tuple as a comma list).
+    flag_defaults = {f.name: getattr(args, f.name) for f in fields}
+    assert flag_defaults == {f.name: ",".join(f.default) if isinstance(f.default, tuple) else f.default for f in fields}
+    assert TrainConfig(**flag_defaults) == TrainConfig()
     # Parsed values reach the config by name, with their types.
-    argv = ["-e", "3", "-b", "8", "--lr", "0.01", "--threads", "2", "--no-progress", "--amp", "--pack", "off"]
+    argv = ["-e", "3", "-b", "8", "--lr", "0.01", "--threads", "2", "--no-progress", "--amp", "--pack", "off",
+            "--extensions", "PNG,.jpg"]
     args = parser.parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields})
     assert (config.epochs, config.batch, config.lr, config.threads, config.progress, config.amp, config.pack) == (
         3, 8, 0.01, 2, False, True, "off")
+    assert config.extensions == (".png", ".jpg")
     assert "(default 16)" in " ".join(parser.format_help().split())
 
 

@@ -164,7 +164,8 @@ def test_missing_shard_fails_on_every_rank_without_hanging(tmp_path):
     assert len(errors) == 2, proc.stderr[-3000:]
     (on0,) = [e for e in errors if e.endswith("(rank 0)")]
     (on1,) = [e for e in errors if e.endswith("(rank 1)")]
-    assert on1.startswith(f"tess: error: no manifest in {node1 / 'manifests'}; run `make fetch`")
+    # The hint names the node's own cache, ready to paste there.
+    assert on1.startswith(f"tess: error: no manifest in {node1 / 'manifests'}; run `make fetch CACHE_DIR={node1}`")
     assert on0.startswith(f"tess: error: rank 1 stopped: no manifest in {node1 / 'manifests'}")
     assert not (out / "checkpoint.pt").exists()
 
@@ -200,10 +201,12 @@ def test_rank_picks_its_shard_from_a_shared_cache(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         find_manifest(other_cfg, cache_layout(other_cfg), DistState(rank=1, world=2, local_world=1))  # two nodes: one shard per node
     assert "holds shards 0/3, 1/3 of s3://demo/shapes/, none for rank 1 of 2" in str(e.value)
-    assert "run `make fetch PREFIX=s3://demo/shapes/ SHARD=1/2` on this node" in str(e.value)
+    assert f"run `make fetch PREFIX=s3://demo/shapes/ SHARD=1/2 CACHE_DIR={other}` (or " in str(e.value)
+    assert str(e.value).endswith("--shard 1/2 --cache-dir " + str(other) + "`) on this node or pass --manifest")
     with pytest.raises(FileNotFoundError) as e:
         find_manifest(other_cfg, cache_layout(other_cfg), DistState(rank=1, world=2, local_world=2))  # one node: fetch it whole
-    assert "run `make fetch PREFIX=s3://demo/shapes/` (the full prefix)" in str(e.value)
+    assert f"run `make fetch PREFIX=s3://demo/shapes/ CACHE_DIR={other}` (or " in str(e.value)
+    assert "(the full prefix)" in str(e.value) and "SHARD=" not in str(e.value)
     # A full manifest, when present, wins: every rank samples it through DistributedSampler.
     make_cache(cache, 20)
     assert load_manifest(find_manifest(cfg, layout, DistState(rank=1, world=2, local_world=2))).header.shard is None
@@ -216,7 +219,8 @@ def test_shard_cover_check_names_the_missing_shard():
     with pytest.raises(ValueError) as e:
         check_shard_cover(shares(ShardSpec(0, 3), ShardSpec(2, 3), ShardSpec(0, 3), uri="s3://b/p/"))
     assert str(e.value) == ("no rank holds shard 1/3 of s3://b/p/ (0/3 on rank(s) 0, 2; 2/3 on rank(s) 1); "
-                            "run `make fetch PREFIX=s3://b/p/ SHARD=1/3` on the node that lacks it")
+                            "run `make fetch PREFIX=s3://b/p/ SHARD=1/3` (or `python -m pipeline fetch s3://b/p/ --shard 1/3`) "
+                            "on the node that lacks it")
     with pytest.raises(ValueError, match="different counts"):
         check_shard_cover(shares(ShardSpec(0, 2), ShardSpec(1, 3)))
     check_shard_cover(shares(ShardSpec(1, 2), ShardSpec(0, 2)))  # complete: no error

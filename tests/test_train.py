@@ -67,13 +67,18 @@ def test_missing_blob_error_names_key_and_fix(manifest, cache_dir):
     with pytest.raises(FileNotFoundError) as e:
         CachedImageDataset(manifest, cache_dir=cache_dir)
     msg = str(e.value)
-    assert "1 of 48 blobs" in msg and "shapes/img-000005_5.png" in msg and "make fetch PREFIX=s3://demo/shapes/" in msg
+    assert "1 of 48 image blobs" in msg and "shapes/img-000005_5.png" in msg
+    assert f"make fetch PREFIX=s3://demo/shapes/ CACHE_DIR={cache_dir}" in msg
+    assert f"make verify REPAIR=1 CACHE_DIR={cache_dir}" in msg
 
 
 def test_missing_manifest_is_one_line_with_fix(tmp_path):
     proc = run_cli("train_vae.py", "--cache-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), module="")
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "run `make fetch`" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    # Every suggested command carries the user's CACHE_DIR, ready to paste.
+    assert f"run `make fetch CACHE_DIR={tmp_path / 'empty'}`" in proc.stderr
+    assert f"`python -m pipeline fetch --cache-dir {tmp_path / 'empty'}`" in proc.stderr
 
 
 @pytest.mark.parametrize(
