@@ -76,7 +76,9 @@ def test_odd_objects_are_fetched_as_bytes_and_skipped_in_training(s3_server, buc
         train(TrainConfig(epochs=1, cache_dir=str(cache_dir), out=str(tmp_path / "stop"), progress=False))
     assert "odd/" in str(e.value) and "--on-bad-sample skip" in str(e.value)
     s = train(TrainConfig(epochs=1, cache_dir=str(cache_dir), out=str(tmp_path / "skip"), progress=False, on_bad_sample="skip"))
-    assert s.bad_samples_skipped == 3 and s.images == 30
+    # The .txt key is not an image: ignored, not a bad sample; the two damaged PNGs are skipped by name.
+    assert s.images == 30 and s.ignored_keys == 1 and s.ignored_examples == ["odd/readme_1.txt"]
+    assert s.skipped_keys == ["odd/cut_2.png", "odd/empty_3.png"] and s.bad_samples_skipped == 2
 
 
 def _peak_rss_mb(cmd) -> tuple[int, float]:
