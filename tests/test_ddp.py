@@ -164,7 +164,7 @@ def test_missing_shard_fails_on_every_rank_without_hanging(tmp_path):
     assert len(errors) == 2, proc.stderr[-3000:]
     (on0,) = [e for e in errors if e.endswith("(rank 0)")]
     (on1,) = [e for e in errors if e.endswith("(rank 1)")]
-    # The hint names the node's own cache, ready to paste there.
+    # The hint names this node's own cache folder, ready to paste.
     assert on1.startswith(f"tess: error: no manifest in {node1 / 'manifests'}; run `make fetch CACHE_DIR={node1}`")
     assert on0.startswith(f"tess: error: rank 1 stopped: no manifest in {node1 / 'manifests'}")
     assert not (out / "checkpoint.pt").exists()
