@@ -477,7 +477,7 @@ def _check_shard_cover(info: list[dict[str, Any]]) -> None:
     if missing:
         k = missing[0]
         raise ValueError(f"no rank holds shard {k}/{count} of {info[0]['uri']} ({which}); "
-                         f"run {fetch_hint(info[0]['uri'], endpoint=info[0]['endpoint'], cache_dir=info[0]['cache_dir'], shard=f'{k}/{count}')} "
+                         f"run {fetch_hint(info[0]['uri'], endpoint=info[0].get('endpoint'), cache_dir=info[0].get('cache_dir'), shard=f'{k}/{count}')} "
                          "on the node that lacks it")
 
 

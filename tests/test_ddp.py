@@ -207,10 +207,11 @@ def test_rank_picks_its_shard_from_a_shared_cache(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         find_manifest(other_cfg, Dist(rank=1, world=2, local_world=1))  # two nodes: one shard per node
     assert "holds shards 0/3, 1/3 of s3://demo/shapes/, none for rank 1 of 2" in str(e.value)
-    assert "run `make fetch PREFIX=s3://demo/shapes/ SHARD=1/2` on this node" in str(e.value)
+    assert f"run `make fetch PREFIX=s3://demo/shapes/ SHARD=1/2 CACHE_DIR={tmp_path / 'other'}`" in str(e.value)
+    assert str(e.value).endswith("on this node or pass --manifest")
     with pytest.raises(FileNotFoundError) as e:
         find_manifest(other_cfg, Dist(rank=1, world=2, local_world=2))  # one node: fetch it whole
-    assert "run `make fetch PREFIX=s3://demo/shapes/` (the full prefix)" in str(e.value)
+    assert "run `make fetch PREFIX=s3://demo/shapes/ CACHE_DIR=" in str(e.value) and "(the full prefix)" in str(e.value)
     # A full manifest, when present, wins: every rank samples it through DistributedSampler.
     make_cache(cache, 20)
     assert "shard" not in load_manifest(find_manifest(cfg, Dist(rank=1, world=2, local_world=2))).header.extra
@@ -221,7 +222,8 @@ def test_shard_cover_check_names_the_missing_shard():
     with pytest.raises(ValueError) as e:
         _check_shard_cover(info)
     assert str(e.value) == ("no rank holds shard 1/3 of s3://b/p/ (0/3 on rank(s) 0, 2; 2/3 on rank(s) 1); "
-                            "run `make fetch PREFIX=s3://b/p/ SHARD=1/3` on the node that lacks it")
+                            "run `make fetch PREFIX=s3://b/p/ SHARD=1/3` (or `python -m pipeline fetch s3://b/p/ --shard 1/3`) "
+                            "on the node that lacks it")
     with pytest.raises(ValueError, match="different counts"):
         _check_shard_cover([{"shard": "0/2", "uri": ""}, {"shard": "1/3", "uri": ""}])
     _check_shard_cover([{"shard": "1/2", "uri": ""}, {"shard": "0/2", "uri": ""}])  # complete: no error

@@ -75,7 +75,9 @@ def test_odd_objects_are_fetched_as_bytes_and_skipped_in_training(s3_server, buc
         train(TrainConfig(epochs=1, cache_dir=str(cache_dir), out=str(tmp_path / "stop"), progress=False))
     assert "odd/" in str(e.value) and "--on-bad-sample skip" in str(e.value)
     s = train(TrainConfig(epochs=1, cache_dir=str(cache_dir), out=str(tmp_path / "skip"), progress=False, on_bad_sample="skip"))
-    assert s["bad_samples_skipped"] == 3 and s["images"] == 30
+    # readme_1.txt is not an image key: ignored, not a bad sample; the two broken PNGs are skipped by name.
+    assert s["bad_samples_skipped"] == 2 and s["images"] == 30 and s["ignored_keys"] == 1
+    assert s["skipped_keys"] == ["odd/cut_2.png", "odd/empty_3.png"]
 
 
 def _peak_rss_mb(cmd) -> tuple[int, float]:
