@@ -41,7 +41,8 @@ FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "pack": (("--pack",), "decoded uint8 pack of the manifest, built once and memory-mapped (default %(default)s = on for the cache)"),
     "on_bad_sample": (("--on-bad-sample",), "stop with the key of a corrupt or undecodable blob, or skip and count it (default %(default)s)"),
     "progress": (("--no-progress",), "no progress bars"),
-    "threads": (("--threads",), "torch intra-op threads (default: torch's, one per core; 1 is faster on a busy shared machine)"),
+    "threads": (("--threads",), "torch intra-op threads (default %(default)s: graceful when other processes compete for "
+                                "the cores; 0 = torch's default, one per core; above 1, OpenMP waits passively)"),
     "extensions": (("--extensions",), "keys ending in these (comma-separated, case-insensitive) are images; others are "
                                       "ignored (default %(default)s)"),
 }
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="tess: %(levelname)s: %(message)s")
+    if args.threads != 1:
+        # Before torch loads OpenMP: waiting threads sleep instead of spinning, so several threads degrade
+        # gracefully when another process competes for a core (measured: bench/contention_bench.py).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from pipeline.cli import describe_os_error
     from pipeline.config import TrainConfig
     from pipeline.s3 import StorageError

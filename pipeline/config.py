@@ -173,7 +173,10 @@ class TrainConfig:
     pack: str = "auto"
     on_bad_sample: str = "stop"
     progress: bool = True
-    threads: int | None = None
+    # One intra-op thread: torch's default (one per core) spins OpenMP threads that collapse when any other
+    # process wants a core (bench/results/contention_n2000.md: 194 vs 639 img/s on the shared 2-core
+    # machine); 0 means torch's own choice.
+    threads: int = 1
     extensions: tuple[str, ...] = IMG_EXTENSIONS
 
     def __post_init__(self) -> None:
@@ -182,7 +185,7 @@ class TrainConfig:
             (self.batch >= 1, f"batch={self.batch} must be >= 1 (-b/--batch)"),
             (0 <= self.workers <= 64, f"workers={self.workers} must be between 0 and 64 (-w/--workers)"),
             (self.clients >= 1, f"clients={self.clients} must be >= 1 (-c/--clients)"),
-            (self.threads is None or self.threads >= 1, f"threads={self.threads} must be >= 1 (--threads)"),
+            (self.threads >= 0, f"threads={self.threads} must be >= 0 (--threads; 0 = torch's default)"),
             (self.lr > 0 and math.isfinite(self.lr), f"lr={self.lr} must be a positive number (--lr)"),
             (self.source in SOURCES, f"source={self.source!r} must be one of {', '.join(SOURCES)} (--source)"),
             (self.pack in PACK_MODES, f"pack={self.pack!r} must be one of {', '.join(PACK_MODES)} (--pack)"),

@@ -120,7 +120,7 @@ def train(config: TrainConfig) -> TrainSummary:
 
 def _train(config: TrainConfig, stack: contextlib.ExitStack) -> TrainSummary:
     # setup
-    if config.threads is not None:
+    if config.threads:
         torch.set_num_threads(config.threads)
     dist_state = init_distributed(config.device)
     stack.callback(shutdown_distributed, dist_state)

@@ -169,3 +169,39 @@ def test_train_cli_extensions_flag_reaches_the_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["images"] == 1
     assert f"ignored {N_IMAGES + len(OTHERS)} keys" in proc.stdout
+
+
+def test_training_defaults_to_one_intra_op_thread(tmp_path):
+    """One thread by default: torch's one-per-core threads collapse beside any competing process."""
+    import torch
+
+    from pipeline.config import TrainConfig as Config
+
+    assert Config().threads == 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        make_mixed_cache(tmp_path / "cache")
+        train(_cfg(tmp_path / "cache", tmp_path / "out"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("threads", "policy"), [("1", None), ("2", "PASSIVE"), ("0", "PASSIVE")])
+def test_more_threads_wait_passively(monkeypatch, tmp_path, threads, policy):
+    import os
+
+    import pipeline.train
+    import train_vae
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    seen = {}
+
+    def fake_train(config):
+        seen.update(threads=config.threads, policy=os.environ.get("OMP_WAIT_POLICY"))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(pipeline.train, "train", fake_train)
+    assert train_vae.main(["--threads", threads, "--out", str(tmp_path / "o")]) == 2
+    assert seen == {"threads": int(threads), "policy": policy}
