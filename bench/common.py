@@ -209,9 +209,10 @@ class BenchServer:
 
     @property
     def prefix(self) -> str:
+        from cache.uri import S3Uri
         from pipeline.demo import DEMO_BUCKET, DEMO_PREFIX
 
-        return f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}"
+        return str(S3Uri(bucket=DEMO_BUCKET, prefix=DEMO_PREFIX))
 
 
 @contextlib.contextmanager

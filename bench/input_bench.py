@@ -4,7 +4,7 @@ Over the demo manifest fetched into a cache, at ``-w 0, 1, 2`` and batch 16, eac
 for one full pass and every batch is touched (summed); images/s is counted from the first batch on
 (worker start-up and the first batch's latency are reported separately):
 
-* ``tess cache (decoded pack)``: ``pipeline.train.build_source`` as training uses it (the default).
+* ``tess cache (decoded pack)``: ``pipeline.sources.build_source`` as training uses it (the default).
 * ``tess cache (--pack off)``: ``CachedImageDataset`` decoding each blob.
 * ``ImageFolder + ToTensor``: torchvision over the same images exported as PNG files in class folders.
 * ``in-memory TensorDataset``: the decoded images as one float tensor (the upper bound).
@@ -101,19 +101,21 @@ def in_memory(manifest_path: Path, cache_dir: Path) -> TensorDataset:
 
 def train_like_loader(source: object, workers: int) -> DataLoader:
     """The DataLoader ``pipeline.train`` builds around a ``DataSource`` (batch sampler, persistent workers)."""
-    from pipeline.train import EpochBatchSampler
+    from pipeline.batches import EpochBatchSampler
 
     return DataLoader(source.batches, sampler=EpochBatchSampler(source.indices, batch=BATCH, seed=0), batch_size=None,
                       num_workers=workers, persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
 
 
 def tess_source(cache_dir: Path, manifest: Path, *, pack: str, source: str = "cache", server: BenchServer | None = None):
-    """``pipeline.train.build_source`` for the cache (pack on/off) or for S3 streaming."""
-    from pipeline.train import Dist, TrainConfig, build_source
+    """``pipeline.sources.build_source`` for the cache (pack on/off) or for S3 streaming."""
+    from pipeline.config import TrainConfig
+    from pipeline.distributed import DistState
+    from pipeline.sources import build_source
 
     config = TrainConfig(cache_dir=str(cache_dir), manifest=str(manifest), pack=pack, source=source, progress=False,
                          prefix=server.prefix if server else None, endpoint=server.endpoint if server else None)
-    return build_source(config, Dist())
+    return build_source(config, DistState())
 
 
 def make_loader_factory(key: str, cache_dir: Path, manifest: Path, image_root: Path, memory: TensorDataset,

@@ -106,7 +106,7 @@ def manifest_figures(layout: CacheLayout, n: int) -> tuple[Path, list[dict[str, 
 
 def worker_growth(path: Path, layout: CacheLayout, samples: int, workers: int, scratch: Path) -> list[dict[str, object]]:
     """Read ``samples`` shuffled samples with ``workers`` workers; memory of each worker at start and end."""
-    from pipeline.train import EpochBatchSampler, SampleBatches
+    from pipeline.batches import EpochBatchSampler, SampleBatches
 
     ds = LookupOnly(load_manifest(path), cache_dir=layout.root, check_blobs=False)
     indices = np.sort(np.random.default_rng(0).choice(len(ds), size=samples, replace=False))

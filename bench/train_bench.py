@@ -31,12 +31,13 @@ def run_one(config_json: str, threads: int) -> None:
     """Child process: train one epoch as configured (JSON of TrainConfig fields)."""
     import torch
 
-    from pipeline.train import TrainConfig, train
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
 
     if threads:
         torch.set_num_threads(threads)
     summary = train(TrainConfig(**json.loads(config_json)))
-    print(json.dumps({k: summary[k] for k in ("images", "images_per_s", "data_wait_share", "epoch_times_s")}))
+    print(json.dumps({k: summary.to_json()[k] for k in ("images", "images_per_s", "data_wait_share", "epoch_times_s")}))
 
 
 def step_figures(out: Path) -> dict[str, float]:

@@ -7,6 +7,9 @@ neither boto3 nor torch, so any tool (training, verification, stats) can read a 
 from cache.atomic import atomic_write_bytes, atomic_writer
 from cache.blobs import BlobStore, BlobWriteError
 from cache.layout import CacheLayout, default_cache_dir
+from cache.locks import GC_LOCK
+from cache.shard import ShardSpec
+from cache.uri import S3Uri
 from cache.manifest import (
     MANIFEST_FORMAT,
     ManifestArrays,
@@ -16,12 +19,14 @@ from cache.manifest import (
     list_manifests,
     load_manifest,
     manifest_name,
+    manifests_of,
     read_key_list,
     read_manifest_header,
     write_manifest,
 )
 
 __all__ = [
+    "GC_LOCK",
     "MANIFEST_FORMAT",
     "BlobStore",
     "BlobWriteError",
@@ -29,6 +34,8 @@ __all__ = [
     "ManifestArrays",
     "ManifestHeader",
     "ManifestRecord",
+    "S3Uri",
+    "ShardSpec",
     "atomic_write_bytes",
     "atomic_writer",
     "default_cache_dir",
@@ -36,6 +43,7 @@ __all__ = [
     "list_manifests",
     "load_manifest",
     "manifest_name",
+    "manifests_of",
     "read_key_list",
     "read_manifest_header",
     "write_manifest",

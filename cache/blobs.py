@@ -167,9 +167,6 @@ class BlobStore:
     def path(self, sha256_hex: str) -> Path:
         return self.layout.blob_path(sha256_hex)
 
-    def has(self, sha256_hex: str) -> bool:
-        return self.layout.blob_path(sha256_hex).is_file()
-
     def writer(self, *, expected_size: int | None = None, etag: str | None = None, label: str = "blob",
                expected: Expected | None = None, fsync: bool = True) -> BlobWriter:
         """Start a blob; ``label`` (e.g. the S3 URI) is used only in error messages.

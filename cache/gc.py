@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.layout import CacheLayout
-from cache.locks import cache_lock
+from cache.locks import GC_LOCK, cache_lock
 from cache.manifest import KEYS_SUFFIX, list_manifests, load_manifest
-from cache.verify import GC_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +160,10 @@ def cache_stats(layout: CacheLayout) -> CacheStats:
         h = m.header
         for i in range(len(m)):
             sizes[m.sha256[i].tobytes()] = int(m.size[i])
-        stats.manifests.append({"name": p.name, "uri": f"s3://{h.bucket}/{h.prefix}", "endpoint": h.endpoint,
-                                "count": h.count, "bytes": h.total_bytes, "created": h.created, "shard": h.extra.get("shard")})
+        stats.manifests.append({"name": p.name, "uri": str(h.uri), "endpoint": h.endpoint, "count": h.count,
+                                "bytes": h.total_bytes, "created": h.created, "shard": str(h.shard) if h.shard else None})
         stats.logical_bytes += h.total_bytes
-        stats.last_fetch = {"manifest": p.name, "created": h.created, **(h.extra.get("fetch") or {})}
+        stats.last_fetch = {"manifest": p.name, "created": h.created, **(h.fetch or {})}
     stats.unique_bytes = sum(sizes.values())
     stats.unreferenced_blobs = sum(1 for sha in blobs if bytes.fromhex(sha) not in sizes)
     return stats

@@ -8,17 +8,28 @@
       packs/                                        optional decoded uint8 packs keyed by manifest digest
       tmp/                                          in-flight downloads (same filesystem, renamed into objects/)
       locks/                                        fcntl lock files
+      .tess-cache                                   marker: this folder is a tess cache (JSON, written at creation)
+
+tess owns the marker and the six folders above and everything in them; anything else at the root is the
+user's and no tess command touches it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cache.atomic import temp_path_for
+
 ENV_CACHE_DIR = "TESS_CACHE_DIR"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+MARKER_NAME = ".tess-cache"
+MARKER_FORMAT = "tess-cache/1"
+OWNED_FOLDERS = ("objects", "manifests", "index", "packs", "tmp", "locks")
 
 
 def default_cache_dir() -> Path:
@@ -72,11 +83,57 @@ class CacheLayout:
     def locks(self) -> Path:
         return self.root / "locks"
 
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER_NAME
+
+    @property
+    def owned(self) -> tuple[Path, ...]:
+        """The folders tess owns under the root (the marker aside)."""
+        return tuple(self.root / name for name in OWNED_FOLDERS)
+
+    def foreign_entries(self) -> list[str]:
+        """Names at the root that are not tess's (sorted); empty when the root does not exist."""
+        if not self.root.is_dir():
+            return []
+        return sorted(e.name for e in os.scandir(self.root) if e.name not in (*OWNED_FOLDERS, MARKER_NAME))
+
+    def is_cache(self) -> bool:
+        """The root carries the marker, or (a cache made before the marker existed) holds a ``manifests``
+        folder and nothing but tess's own folders."""
+        if self.marker.is_file():
+            return True
+        return (self.root / "manifests").is_dir() and not self.foreign_entries()
+
     def create(self) -> CacheLayout:
-        """Create the folders (idempotent) and return self."""
-        for p in (self.objects, self.manifests, self.index, self.packs, self.tmp, self.locks):
+        """Create the folders and the marker (idempotent) and return self.
+
+        Raises:
+            FileExistsError: the root already holds files of someone else and is no tess cache; tess never
+                spreads its folders among a user's files (think ``--cache-dir ~``).
+        """
+        if self.root.is_dir() and not self.marker.is_file():
+            foreign = self.foreign_entries()
+            if foreign:
+                raise FileExistsError(
+                    f"cache dir {str(self.root)!r} already holds files that are not a tess cache (e.g. {foreign[0]!r}); "
+                    "pass --cache-dir (CACHE_DIR=) pointing to a new or empty folder"
+                )
+        for p in self.owned:
             p.mkdir(parents=True, exist_ok=True)
+        if not self.marker.is_file():
+            self._write_marker()
         return self
+
+    def _write_marker(self) -> None:
+        body = json.dumps({"format": MARKER_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        # In tmp/ with the writer's pid in its name, so a killed run's leftover is cleaned like any temp file.
+        tmp = temp_path_for(self.tmp, "-marker")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(body + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.marker)
 
     def blob_path(self, sha256_hex: str) -> Path:
         """Path of the blob whose content hashes to ``sha256_hex``; the key never enters the path."""

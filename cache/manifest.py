@@ -16,12 +16,14 @@ any key round-trips exactly (:func:`read_key_list`).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,9 @@ import numpy as np
 
 from cache.atomic import atomic_writer
 from cache.layout import CacheLayout
+from cache.shard import ShardSpec, parse_shard
+from cache.strings import StringArray
+from cache.uri import S3Uri
 
 MANIFEST_FORMAT = "tess-manifest/1"
 MANIFEST_SUFFIX = ".jsonl"
@@ -49,9 +54,25 @@ class ManifestRecord:
     label: int = -1
 
 
+# The header fields every manifest has, and the optional ones, in the order they are written.
+_REQUIRED = ("endpoint", "bucket", "prefix", "created", "count", "total_bytes", "records_sha256", "format")
+_OPTIONAL = ("fetch", "classes", "incomplete", "shard", "network")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ManifestHeader:
-    """Line 1 of a manifest; ``extra`` holds the optional fields (classes, shard, fetch, incomplete)."""
+    """Line 1 of a manifest, parsed once (:meth:`from_json`) into typed fields.
+
+    Attributes:
+        fetch: the fetch summary as written by ``pipeline.fetch`` (listed, fetched, cached, missing,
+            failed, bytes, retries, list_s, wall_s); None for manifests written by other tools.
+        classes: folder class names, when labels come from folders.
+        incomplete: listed objects that are not in the manifest.
+        shard: the shard ``k/N`` of a sharded fetch; None for the whole listing.
+        network: what bringing this listing's data cost, summed over the fetch runs that downloaded
+            (``bytes``, ``seconds``, ``objects``, ``runs``); written by ``write_manifest``.
+        unknown: fields this version does not know, kept so a header round-trips byte for byte.
+    """
 
     endpoint: str
     bucket: str
@@ -61,28 +82,84 @@ class ManifestHeader:
     total_bytes: int
     records_sha256: str
     format: str = MANIFEST_FORMAT
-    extra: dict[str, Any] = field(default_factory=dict)
+    fetch: dict[str, Any] | None = None
+    classes: tuple[str, ...] | None = None
+    incomplete: int | None = None
+    shard: ShardSpec | None = None
+    network: dict[str, Any] | None = None
+    unknown: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The optional fields as the file holds them (``shard`` as ``"k/N"``), in the order written."""
+        values = {"fetch": self.fetch, "classes": None if self.classes is None else list(self.classes),
+                  "incomplete": self.incomplete, "shard": None if self.shard is None else str(self.shard),
+                  "network": self.network}
+        return {**{k: v for k, v in values.items() if v is not None}, **self.unknown}
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "extra"}
-        d.update(self.extra)
-        return d
+        return {**{k: getattr(self, k) for k in _REQUIRED}, **self.extra}
 
     @classmethod
     def from_json(cls, d: dict[str, Any], *, source: str = "manifest") -> ManifestHeader:
+        """Check and parse a header (the ``shard`` string into a :class:`ShardSpec`).
+
+        Raises:
+            ValueError: another format, a missing field, or a malformed optional field; the message
+                names ``source`` and the fix.
+        """
         if d.get("format") != MANIFEST_FORMAT:
             raise ValueError(
                 f"{source}: format {d.get('format')!r} is not {MANIFEST_FORMAT!r}; re-run `make fetch` to rewrite it"
             )
-        names = {"endpoint", "bucket", "prefix", "created", "count", "total_bytes", "records_sha256", "format"}
-        missing = sorted(names - d.keys())
+        missing = sorted(set(_REQUIRED) - d.keys())
         if missing:
             raise ValueError(f"{source}: header lacks {missing}; re-run `make fetch` to rewrite it")
-        return cls(**{k: d[k] for k in names}, extra={k: v for k, v in d.items() if k not in names})
+        fix = "re-run `make fetch` to rewrite it"
+        fetch, classes, incomplete, shard, network = (d.get(k) for k in _OPTIONAL)
+        for name, value in (("fetch", fetch), ("network", network)):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{source}: header field {name} {value!r} is not an object; {fix}")
+        if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise ValueError(f"{source}: header field classes {classes!r} is not a list of names; {fix}")
+        if incomplete is not None and (not isinstance(incomplete, int) or isinstance(incomplete, bool) or incomplete < 0):
+            raise ValueError(f"{source}: header field incomplete {incomplete!r} is not a count; {fix}")
+        try:
+            spec = None if shard is None else parse_shard(shard, source=f"{source}: header field shard")
+        except ValueError as e:
+            raise ValueError(f"{e}; {fix}") from None
+        return cls(
+            **{k: d[k] for k in _REQUIRED},
+            fetch=fetch,
+            classes=None if classes is None else tuple(classes),
+            incomplete=incomplete,
+            shard=spec,
+            network=network,
+            unknown={k: v for k, v in d.items() if k not in _REQUIRED and k not in _OPTIONAL},
+        )
+
+    @property
+    def uri(self) -> S3Uri:
+        """The listed location, ``s3://bucket/prefix``."""
+        return S3Uri(bucket=self.bucket, prefix=self.prefix)
+
+    @property
+    def network_cost(self) -> dict[str, Any] | None:
+        """What it cost to bring this manifest's data over the network: ``{"bytes", "seconds", "objects",
+        "runs"}`` summed over the fetch runs that downloaded anything (a no-op re-fetch costs nothing and
+        adds nothing). None when unknown (a manifest not written by fetch)."""
+        if self.network is not None:
+            return self.network
+        fetch = self.fetch or {}
+        if not fetch.get("fetched"):
+            return None
+        # A manifest from before ``network`` existed: its own fetch is all that is known.
+        return {"bytes": int(fetch.get("bytes_fetched", 0)), "seconds": float(fetch.get("wall_s", 0.0)),
+                "objects": int(fetch["fetched"]), "runs": 1}
 
     @property
     def name(self) -> str:
-        return manifest_name(self.endpoint, self.bucket, self.prefix, shard=self.extra.get("shard"))
+        return manifest_name(self.endpoint, self.bucket, self.prefix, shard=None if self.shard is None else str(self.shard))
 
 
 def manifest_name(endpoint: str, bucket: str, prefix: str, *, shard: str | None = None) -> str:
@@ -138,7 +215,11 @@ def write_manifest(
 ) -> Path:
     """Write ``<name>.jsonl`` and ``<name>.keys`` atomically; return the manifest path.
 
-    ``endpoint`` must already be free of credentials (the caller strips them).
+    ``endpoint`` must already be free of credentials (the caller strips them). ``extra`` holds the
+    optional header fields in their file form (``fetch``, ``classes``, ``incomplete``, ``shard`` as
+    ``"k/N"``). When it holds the fetch summary (``fetch``), the header also gets ``network``: the cost
+    of bringing this listing's data, carried over from the manifest it replaces
+    (:attr:`ManifestHeader.network_cost`).
     """
     extra = dict(extra or {})
     lines: list[bytes] = []
@@ -151,19 +232,16 @@ def write_manifest(
         lines.append(line)
         keys.append(r.key)
         total += r.size
-    header = ManifestHeader(
-        endpoint=endpoint,
-        bucket=bucket,
-        prefix=prefix,
-        created=utc_now(),
-        count=len(lines),
-        total_bytes=total,
-        records_sha256=h.hexdigest(),
-        extra=extra,
-    )
+    # Through from_json, so a written header is checked exactly as it will be read back.
+    header = ManifestHeader.from_json({
+        **extra, "endpoint": endpoint, "bucket": bucket, "prefix": prefix, "created": utc_now(),
+        "count": len(lines), "total_bytes": total, "records_sha256": h.hexdigest(), "format": MANIFEST_FORMAT,
+    }, source="new manifest")
     layout.manifests.mkdir(parents=True, exist_ok=True)
     stem = header.name
     path = layout.manifests / f"{stem}{MANIFEST_SUFFIX}"
+    if header.fetch is not None and header.network is None:
+        header = dataclasses.replace(header, network=_next_network_cost(path, header.fetch))
     # Key list first: a reader that finds the manifest can rely on its key list being at least as new.
     with atomic_writer(layout.manifests / f"{stem}{KEYS_SUFFIX}") as f:
         f.write("".join(escape_key(k) + "\n" for k in keys).encode("utf-8"))
@@ -171,6 +249,22 @@ def write_manifest(
         f.write((json.dumps(header.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8"))
         f.writelines(lines)
     return path
+
+
+def _next_network_cost(path: Path, fetch: dict[str, Any]) -> dict[str, Any] | None:
+    """The replaced manifest's network cost plus this fetch's, if it downloaded anything."""
+    previous = None
+    if path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            previous = read_manifest_header(path).network_cost
+    if not fetch.get("fetched"):
+        return previous
+    total = dict(previous or {"bytes": 0, "seconds": 0.0, "objects": 0, "runs": 0})
+    total["bytes"] += int(fetch.get("bytes_fetched", 0))
+    total["seconds"] = round(total["seconds"] + float(fetch.get("wall_s", 0.0)), 3)
+    total["objects"] += int(fetch["fetched"])
+    total["runs"] += 1
+    return total
 
 
 def read_manifest_header(path: str | os.PathLike[str]) -> ManifestHeader:
@@ -185,41 +279,6 @@ def read_manifest_header(path: str | os.PathLike[str]) -> ManifestHeader:
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: line 1 is not JSON ({e}); re-run `make fetch` to rewrite it") from None
     return ManifestHeader.from_json(d, source=str(p))
-
-
-class StringArray:
-    """Many strings in two numpy arrays (UTF-8 bytes + offsets): no per-string Python objects."""
-
-    def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
-        self.data = data
-        self.offsets = offsets
-
-    @classmethod
-    def from_strings(cls, strings: Sequence[str]) -> StringArray:
-        return cls.from_encoded([s.encode("utf-8") for s in strings])
-
-    @classmethod
-    def from_encoded(cls, encoded: Sequence[bytes]) -> StringArray:
-        """From already UTF-8-encoded strings."""
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        if encoded:
-            np.cumsum(np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
-        return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> str:
-        start, end = self.offsets[i], self.offsets[i + 1]
-        return self.data[start:end].tobytes().decode("utf-8")
-
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.nbytes + self.offsets.nbytes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,16 +298,6 @@ class ManifestArrays:
 
     def sha_hex(self, i: int) -> str:
         return self.sha256[i].tobytes().hex()
-
-    def record(self, i: int) -> dict[str, Any]:
-        """Record ``i`` as a dict (for messages and tools, not for hot loops)."""
-        return {
-            "key": self.keys[i],
-            "sha256": self.sha_hex(i),
-            "size": int(self.size[i]),
-            "etag": self.etags[i],
-            "label": int(self.label[i]),
-        }
 
     @property
     def nbytes(self) -> int:
@@ -313,3 +362,8 @@ def latest_manifest(layout: CacheLayout) -> Path:
             f"no manifest in {layout.manifests}; run `make fetch` (demo) or `make fetch PREFIX=s3://bucket/prefix`"
         )
     return paths[-1]
+
+
+def manifests_of(layout: CacheLayout, uri: S3Uri) -> list[Path]:
+    """The manifests of one ``s3://bucket/prefix`` (any endpoint, any shard), oldest first."""
+    return [p for p in list_manifests(layout) if read_manifest_header(p).uri == uri]

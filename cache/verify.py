@@ -1,7 +1,8 @@
 """Verification of the cache: rehash every blob some manifest references and report problems by key.
 
-A blob whose bytes no longer hash to its name is removed (it can never be right again), so the next
-fetch, or ``verify --repair``, downloads it afresh; a missing blob is reported the same way.
+Verification only reads: a check never changes what it checks, so two runs in a row report the same.
+Removing corrupted blobs is a separate, explicit step (:func:`remove_corrupted`, run by
+``verify --repair`` before it fetches them again).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 
 from cache.blobs import hash_file
 from cache.layout import CacheLayout
-from cache.locks import cache_lock
+from cache.locks import GC_LOCK, cache_lock
 from cache.manifest import ManifestArrays, list_manifests, load_manifest
 
-GC_LOCK = "gc"
+__all__ = ["GC_LOCK", "Problem", "VerifyReport", "remove_corrupted", "verify_cache"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +51,7 @@ def iter_manifests(layout: CacheLayout) -> Iterator[ManifestArrays]:
 
 
 def verify_cache(layout: CacheLayout, *, progress: Callable[[int], None] | None = None) -> VerifyReport:
-    """Rehash each distinct referenced blob once; remove corrupted ones; list every affected key.
+    """Rehash each distinct referenced blob once and list every affected key; change nothing.
 
     Holds the cache's shared GC lock so no eviction runs underneath it.
     """
@@ -71,12 +72,25 @@ def verify_cache(layout: CacheLayout, *, progress: Callable[[int], None] | None 
                         report.blobs_checked += 1
                         report.bytes_checked += path.stat().st_size
                         state = "ok" if hash_file(path) == sha else "corrupted"
-                        if state == "corrupted":
-                            with contextlib.suppress(FileNotFoundError):
-                                os.unlink(path)
                     verdict[sha] = state
                     if progress is not None:
                         progress(1)
                 if state != "ok":
                     report.problems.append(Problem(manifest=m.path, index=i, key=m.keys[i], sha256=sha, kind=state))
     return report
+
+
+def remove_corrupted(layout: CacheLayout, problems: list[Problem]) -> int:
+    """Delete the blobs ``problems`` found corrupted (their bytes can never be right again); return how many.
+
+    Each is rehashed first under the GC lock, so a blob repaired since the report is kept.
+    """
+    removed = 0
+    with cache_lock(layout, GC_LOCK, shared=True):
+        for sha in sorted({p.sha256 for p in problems if p.kind == "corrupted"}):
+            path = layout.blob_path(sha)
+            if path.is_file() and hash_file(path) != sha:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed += 1
+    return removed

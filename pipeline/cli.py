@@ -10,7 +10,6 @@ import argparse
 import errno
 import logging
 import os
-import shutil
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -19,7 +18,8 @@ from pathlib import Path
 
 from cache.blobs import BlobWriteError
 from cache.layout import CacheLayout
-from pipeline.config import ClientOptions, S3Uri, resolve_endpoint
+from pipeline.config import EMBEDDED_DEMO, ClientOptions, S3Uri, resolve_endpoint
+from pipeline.hints import fetch_hint, verify_hint
 from pipeline.mirror import MirrorSettings as FetchDefaults, SyncPolicy
 from pipeline.s3 import StorageError
 
@@ -34,7 +34,8 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("S3 client")
     g.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS)")
     g.add_argument("--max-connections", type=int, default=d.max_connections, help=f"requests in flight per client (default {d.max_connections})")
-    g.add_argument("--retry-mode", default=d.retry_mode, choices=("standard", "adaptive", "legacy"), help="botocore retry mode (default standard)")
+    g.add_argument("--retry-mode", default=d.retry_mode, choices=("standard", "adaptive"),
+                   help="botocore retry mode: standard, or adaptive (client-side rate limiting; default standard)")
     g.add_argument("--max-attempts", type=int, default=d.max_attempts, help=f"attempts per request and per object (default {d.max_attempts})")
     g.add_argument("--connect-timeout", type=float, default=d.connect_timeout, help=f"seconds (default {d.connect_timeout})")
     g.add_argument("--read-timeout", type=float, default=d.read_timeout, help=f"seconds (default {d.read_timeout})")
@@ -76,7 +77,7 @@ def _byte_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="tess: mirror S3 prefixes into a content-addressed cache.")
+    parser = argparse.ArgumentParser(prog="tess", description="tess: mirror S3 prefixes into a content-addressed cache.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fetch", help="mirror an S3 prefix into the cache and write its manifest")
@@ -120,13 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="manifests, blobs, bytes, dedup savings and the last fetch of the cache")
     st.add_argument("--cache-dir", default=None, help="cache root (default $TESS_CACHE_DIR or ~/.cache/tess)")
 
-    c = sub.add_parser("clean-cache", help="remove the cache folder and say what was removed")
+    c = sub.add_parser("clean-cache", help="remove a tess cache (only tess's own entries) and say what was removed")
     c.add_argument("--cache-dir", default=None, help="cache root (default $TESS_CACHE_DIR or ~/.cache/tess)")
     return parser
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from pipeline.shard import resolve_shard
+    from cache.shard import resolve_shard
 
     # Resolved before any server starts, so a bad SHARD or NODE_RANK/NNODES fails at once.
     args.shard_spec, origin = resolve_shard(args.shard, os.environ)
@@ -143,7 +144,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         os.environ.pop("AWS_PROFILE", None)
         print(f"no PREFIX given: starting the embedded S3 server with {args.demo} demo images", file=sys.stderr)
         with embedded_server(demo=args.demo) as endpoint:
-            return _run_fetch(args, f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}", client_options(args, endpoint=endpoint), "embedded-demo")
+            return _run_fetch(args, str(S3Uri(bucket=DEMO_BUCKET, prefix=DEMO_PREFIX)), client_options(args, endpoint=endpoint),
+                              EMBEDDED_DEMO)
     return _run_fetch(args, args.prefix, client_options(args), None)
 
 
@@ -186,6 +188,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"folder {args.folder!r} does not exist; pass a folder of images to upload")
     uri = S3Uri.parse(args.prefix)
     options = client_options(args)
+    os.listdir(root)  # raises PermissionError here; rglob would silently find nothing in an unreadable folder
     files = sorted(p for p in root.rglob("*") if p.is_file())
     if not files:
         raise FileNotFoundError(f"folder {args.folder!r} holds no files; nothing to upload")
@@ -197,7 +200,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload") as bar, ThreadPoolExecutor(options.max_connections) as pool:
         def one(p: Path) -> None:
             key = uri.prefix + p.relative_to(root).as_posix()
-            upload_file(p, uri.bucket, key, options, uri_for_errors=f"s3://{uri.bucket}/{key}")
+            upload_file(p, uri.bucket, key, options, uri_for_errors=uri.key_uri(key))
             bar.update(p.stat().st_size)
 
         for _ in pool.map(one, files):
@@ -207,25 +210,30 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_clean_cache(args: argparse.Namespace) -> int:
+    from cache.clean import clean_cache
+
     layout = CacheLayout.at(args.cache_dir)
     if not layout.root.exists():
         print(f"nothing to remove: {layout.root} does not exist")
         return 0
-    n_files = sum(len(files) for _, _, files in os.walk(layout.root))
-    size = sum(f.stat().st_size for f in layout.root.rglob("*") if f.is_file())
-    shutil.rmtree(layout.root)
-    print(f"removed {layout.root} ({n_files} files, {size / 1e6:.1f} MB)")
+    report = clean_cache(layout)
+    print(f"removed the tess cache at {layout.root} ({report.files} files, {report.bytes / 1e6:.1f} MB)")
+    if report.kept:
+        shown = ", ".join(repr(n) for n in report.kept[:5]) + (" ..." if len(report.kept) > 5 else "")
+        print(f"kept {len(report.kept)} entries that are not tess's ({shown}) and the folder that holds them")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from cache.verify import verify_cache
+    from cache.verify import remove_corrupted, verify_cache
 
     layout = CacheLayout.at(args.cache_dir)
     if not layout.manifests.is_dir():
-        raise FileNotFoundError(f"no cache at {layout.root}; run `make fetch` first or pass --cache-dir")
+        raise FileNotFoundError(f"no cache at {layout.root}; run "
+                                f"{fetch_hint('s3://bucket/prefix', endpoint=args.endpoint, cache_dir=args.cache_dir)} first, "
+                                "or pass the --cache-dir of an existing cache")
     with tqdm(desc="verify", unit="blob", disable=args.no_progress, dynamic_ncols=True) as bar:
         report = verify_cache(layout, progress=bar.update)
     missing = sum(p.kind == "missing" for p in report.problems)
@@ -239,13 +247,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.ok:
         return 0
     if not args.repair:
+        print("nothing was changed (verify only reads)")
         print(f"tess: error: {len(report.problems)} records point to missing or corrupted blobs; "
-              "run `python -m pipeline verify --repair` (make verify REPAIR=1)", file=sys.stderr)
+              f"run {verify_hint(repair=True, endpoint=args.endpoint, cache_dir=args.cache_dir)}", file=sys.stderr)
         return 1
     from pipeline.repair import repair
 
     result = repair(layout, report.problems, options=client_options(args), endpoint=resolve_endpoint(args.endpoint))
-    print(f"repaired {result.repaired} blobs")
+    # What could not be fetched again and is still corrupted can never be right: remove it, and say so.
+    removed = remove_corrupted(layout, report.problems)
+    print(f"repaired {result.repaired} blobs (fetched again and checked against the pinned sha256)")
+    if removed:
+        print(f"removed {removed} corrupted blobs that could not be fetched again")
     for err in result.failed[:20]:
         print(f"  {err}", file=sys.stderr)
     if result.failed:
@@ -273,6 +286,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_os_error(e: OSError) -> str:
+    """One line for a local file-system failure: what failed, where, and the fix."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"disk full while writing{where or ' the cache'}; free space or pass --cache-dir"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what = "read-only file system" if e.errno == errno.EROFS else "permission denied"
+        return (f"cannot write or read{where} ({what}); pass --cache-dir (CACHE_DIR=) or --out (OUT=) "
+                "pointing to a folder you can write, or fix its permissions")
+    if e.errno == errno.EADDRINUSE:
+        return f"address already in use ({e.strerror}); pass --port with a free port (0 picks one)"
+    return f"{e.strerror or e}{':' + where if where else ''}"
+
+
 COMMANDS = {"fetch": cmd_fetch, "serve": cmd_serve, "upload": cmd_upload, "verify": cmd_verify, "stats": cmd_stats,
             "clean-cache": cmd_clean_cache}
 
@@ -289,10 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tess: error: the key index under the cache dir failed ({e}); free disk space or pass --cache-dir", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            print(f"tess: error: disk full while writing the cache ({e.filename or 'cache'}); free space or pass --cache-dir", file=sys.stderr)
-            return 2
-        raise
+        print(f"tess: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("tess: interrupted; the cache is valid and a rerun resumes", file=sys.stderr)
         return 130

@@ -1,46 +1,33 @@
-"""Configuration of S3 access: the ``s3://`` URI, the endpoint and the client options.
+"""Configuration, one home for each default: S3 endpoints and client options, and the training run.
+
+* :class:`ClientOptions`: how each S3 client talks to the store (``python -m pipeline`` flags).
+* :func:`resolve_endpoint` / :func:`manifest_endpoint`: the one place an endpoint flag, the
+  environment or a manifest's endpoint label becomes a URL.
+* :class:`TrainConfig`: every flag of ``train_vae.py``; the command line is derived from its defaults.
 
 Credentials never appear here: boto3's standard chain (environment, profile, instance role) supplies
-them, and nothing in tess prints or stores them.
+them, and nothing in tess prints or stores them. This module imports neither boto3 nor torch.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from cache.uri import S3Uri
+
+__all__ = ["AWS_ENDPOINT", "EMBEDDED_DEMO", "IMG_EXTENSIONS", "ClientOptions", "S3Uri", "TrainConfig", "check_endpoint",
+           "manifest_endpoint", "parse_extensions", "redact_url", "resolve_endpoint"]
+
 ENV_ENDPOINTS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 RETRY_MODES = ("standard", "adaptive", "legacy")
-_BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
-
-
-@dataclass(frozen=True, kw_only=True)
-class S3Uri:
-    """A parsed ``s3://bucket/prefix``; the prefix may be empty (the whole bucket)."""
-
-    bucket: str
-    prefix: str
-
-    @classmethod
-    def parse(cls, uri: str) -> S3Uri:
-        if not isinstance(uri, str) or not uri.startswith("s3://"):
-            raise ValueError(f"PREFIX {uri!r} is not an S3 URI; use s3://bucket/prefix (e.g. PREFIX=s3://data/train/)")
-        rest = uri[len("s3://") :]
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise ValueError(f"PREFIX {uri!r} has no bucket name; use s3://bucket/prefix")
-        # Lenient on purpose: legacy AWS buckets and MinIO/Ceph allow names that today's AWS rules refuse.
-        if not _BUCKET_RE.fullmatch(bucket):
-            raise ValueError(
-                f"PREFIX {uri!r}: bucket {bucket!r} is not a valid bucket name "
-                "(3-255 letters, digits, '.', '-', '_'); use s3://bucket/prefix"
-            )
-        return cls(bucket=bucket, prefix=prefix)
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
+# Endpoint labels that manifests record instead of a URL.
+AWS_ENDPOINT = "aws"
+# The embedded demo server listens on a fresh port each run, so its manifests name it by this label.
+EMBEDDED_DEMO = "embedded-demo"
 
 
 def redact_url(url: str) -> str:
@@ -73,6 +60,15 @@ def resolve_endpoint(explicit: str | None = None) -> str | None:
         if candidate:
             return check_endpoint(candidate)
     return None
+
+
+def manifest_endpoint(label: str, override: str | None = None) -> str | None:
+    """The URL to reach a manifest's objects: ``override`` (``--endpoint``), else the manifest's
+    endpoint label when it is a URL, else None (AWS; and :data:`EMBEDDED_DEMO`, which has no lasting
+    URL: a caller that needs its objects starts an embedded server, see ``pipeline.repair``)."""
+    if override:
+        return override
+    return label if label.startswith(("http://", "https://")) else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,4 +114,92 @@ class ClientOptions:
     @property
     def endpoint_label(self) -> str:
         """What manifests record as the endpoint: the URL, or ``aws`` for AWS itself."""
-        return self.endpoint or "aws"
+        return self.endpoint or AWS_ENDPOINT
+
+
+# torchvision.datasets.folder.IMG_EXTENSIONS, plus .gif (Pillow decodes it, as it does all of these).
+IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def parse_extensions(text: str | Iterable[str]) -> tuple[str, ...]:
+    """``".png,.JPG"`` or ``["png", ".jpg"]`` -> ``(".png", ".jpg")`` (lowercase, with the dot).
+
+    Raises:
+        ValueError: no extension given, or one with a path separator or a space.
+    """
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for item in items:
+        ext = item.strip().lower()
+        if not ext:
+            continue
+        ext = ext if ext.startswith(".") else "." + ext
+        if "/" in ext or " " in ext or ext == ".":
+            raise ValueError(f"--extensions: {item!r} is not a file extension; pass a list like .png,.jpg")
+        if ext not in out:
+            out.append(ext)
+    if not out:
+        raise ValueError(f"--extensions {text!r} names no extension; pass a list like .png,.jpg,.jpeg")
+    return tuple(out)
+
+
+SOURCES = ("cache", "s3")
+PACK_MODES = ("auto", "on", "off")
+BAD_SAMPLE_MODES = ("stop", "skip")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything one training run needs; ``train_vae.py`` derives its flags and defaults from it."""
+
+    epochs: int = 1
+    batch: int = 16
+    workers: int = 0
+    clients: int = 1
+    lr: float = 1e-3
+    latent_dim: int = 32
+    beta: float = 1.0
+    image_size: int = 32
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    source: str = "cache"
+    prefix: str | None = None
+    endpoint: str | None = None
+    manifest: str | None = None
+    cache_dir: str | None = None
+    out: str = "runs/latest"
+    resume: bool = False
+    force_resume: bool = False
+    pack: str = "auto"
+    on_bad_sample: str = "stop"
+    progress: bool = True
+    # One intra-op thread: torch's default (one per core) spins OpenMP threads that collapse when any other
+    # process wants a core (bench/results/contention_n2000.md: 194 vs 639 img/s on the shared 2-core
+    # machine); 0 means torch's own choice.
+    threads: int = 1
+    extensions: tuple[str, ...] = IMG_EXTENSIONS
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs={self.epochs} must be >= 1 (-e/--epochs)"),
+            (self.batch >= 1, f"batch={self.batch} must be >= 1 (-b/--batch)"),
+            (0 <= self.workers <= 64, f"workers={self.workers} must be between 0 and 64 (-w/--workers)"),
+            (self.clients >= 1, f"clients={self.clients} must be >= 1 (-c/--clients)"),
+            (self.threads >= 0, f"threads={self.threads} must be >= 0 (--threads; 0 = torch's default)"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr={self.lr} must be a positive number (--lr)"),
+            (self.source in SOURCES, f"source={self.source!r} must be one of {', '.join(SOURCES)} (--source)"),
+            (self.pack in PACK_MODES, f"pack={self.pack!r} must be one of {', '.join(PACK_MODES)} (--pack)"),
+            (self.on_bad_sample in BAD_SAMPLE_MODES, f"on_bad_sample={self.on_bad_sample!r} must be stop or skip"),
+            (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+             f"device={self.device!r} must be auto, cpu, cuda[:N] or mps (--device)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        object.__setattr__(self, "extensions", parse_extensions(self.extensions))
+        # Imported here, not at the top: the model module imports torch, and this module must not
+        # (``python -m pipeline fetch`` and ``train_vae.py --help`` read it).
+        from pipeline.model import VAEConfig
+
+        VAEConfig(image_size=self.image_size, latent_dim=self.latent_dim, beta=self.beta)

@@ -2,41 +2,38 @@
 
 ``DSSDataset(load2memory=True)`` streams: every ``__getitem__`` GETs one object and decodes it in memory.
 ``DSSDataset(load2memory=False)`` mirrors: every item lands in the content-addressed cache and the item
-is its manifest record; the fetch stage drives it with a DataLoader. ``CachedImageDataset`` trains from
-a manifest and the cache with no network at all.
+is its :class:`~pipeline.mirror.MirrorRecord`; the fetch stage drives it with a DataLoader for ``-w N``.
+``CachedImageDataset`` (:mod:`pipeline.cached_dataset`, re-exported here) trains from a manifest and the
+cache with no network.
 
-Images are decoded with Pillow (see :func:`decode_rgb` for why not torchvision's faster decoder).
+Images are decoded with Pillow (see :func:`pipeline.images.decode_rgb`).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import botocore.exceptions
-import numpy as np
 import torch
-import torch.nn.functional as F
 import urllib3.exceptions
 from torch.utils.data import Dataset, get_worker_info
-from PIL import Image
 
 from cache.blobs import BlobStore, BlobWriteError
 from cache.checks import BodyHasher, Expected
 from cache.index import KeyIndex
 from cache.layout import CacheLayout
-from cache.manifest import ManifestArrays, load_manifest
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.engines import make_mirror, settings_for
 from pipeline.listing import Listing
 from pipeline.mirror import Mirror, MirrorRecord, MirrorStatus, ObjectRef, SyncPolicy
 from pipeline.mirror_loop import mirror_all
+from pipeline.images import DefaultTransform as _DefaultTransform
+from pipeline.images import UndecodableImage, decode_rgb, to_float  # noqa: F401 - re-exported for users
 from pipeline.objectget import RetryableHTTPError, open_object
 from pipeline.s3 import PerProcess, StorageError, describe_error, get_client, list_objects, retry_call
 
@@ -60,48 +57,6 @@ _TRANSIENT = (
 # Threads of the streaming path (load2memory=True) per client: ``max_connections`` sizes the mirror's
 # event loop (128 by default), far more than blocking threads should be.
 _STREAM_THREADS = 16
-
-
-def to_float(image: torch.Tensor, *, image_size: int | None = None) -> torch.Tensor:
-    """uint8 CHW -> float32 in [0, 1], resized (bilinear, antialiased) when ``image_size`` differs."""
-    x = image.float().div_(255.0)
-    if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
-        x = F.interpolate(x.unsqueeze(0), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)[0]
-    return x
-
-
-class UndecodableImage(ValueError):
-    """Bytes that are not a decodable image (truncated, damaged, or not an image at all)."""
-
-
-def decode_rgb(data: bytes | bytearray | memoryview) -> torch.Tensor:
-    """Decode PNG/JPEG/GIF/WEBP/BMP bytes into a uint8 (3, H, W) tensor with Pillow.
-
-    Pillow, not ``torchvision.io.decode_image``: torchvision is about twice as fast on 32x32 PNGs, but
-    its libpng wrapper kills the process with SIGSEGV on a PNG whose IDAT data is damaged (flip one
-    byte and see), where Pillow raises an exception that names the problem. The decoded pack takes
-    decoding off the per-epoch path anyway.
-
-    Raises:
-        UndecodableImage: the bytes are not a complete, valid image.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UndecodableImage(f"{type(e).__name__}: {e}") from None
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
-
-
-class _DefaultTransform:
-    """uint8 -> float [0,1] at ``image_size`` (a class, not a lambda, so it pickles for spawn workers)."""
-
-    def __init__(self, image_size: int | None) -> None:
-        self.image_size = image_size
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return to_float(image, image_size=self.image_size)
 
 
 _pools: PerProcess[ThreadPoolExecutor] = PerProcess()
@@ -275,78 +230,4 @@ class DSSDataset(Dataset):
             log.warning("key index not updated for %d objects (%s)", len(entries), e)
 
 
-class CachedImageDataset(Dataset):
-    """Images of one manifest, read from the local cache: lookup -> read -> decode -> transform.
-
-    Args:
-        manifest: path of a ``.jsonl`` manifest (or already loaded :class:`ManifestArrays`).
-        cache_dir: cache root holding the blobs (default: the manifest's ``../..``).
-        transforms: applied to the decoded uint8 (3, H, W) tensor; default: float [0, 1] at ``image_size``.
-        image_size: output size of the default transform.
-        check_blobs: stat every blob at construction and fail with one line if any is missing.
-
-    Raises:
-        FileNotFoundError: the manifest or some blobs are missing (the message says how to fetch them).
-    """
-
-    def __init__(
-        self,
-        manifest: str | os.PathLike[str] | ManifestArrays,
-        *,
-        cache_dir: str | os.PathLike[str] | None = None,
-        transforms: Transform | None = None,
-        image_size: int | None = 32,
-        check_blobs: bool = True,
-    ) -> None:
-        super().__init__()
-        self.manifest = manifest if isinstance(manifest, ManifestArrays) else load_manifest(manifest)
-        root = Path(cache_dir) if cache_dir else self.manifest.path.parent.parent
-        self.layout = CacheLayout.at(root)
-        self.transforms = transforms or _DefaultTransform(image_size)
-        self._objects = str(self.layout.objects)
-        if check_blobs:
-            self._check_blobs()
-
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    def blob_path(self, i: int) -> str:
-        # CacheLayout.blob_path's layout, without its Path object and digest check: this runs once per
-        # sample, and the digest comes from a manifest whose records_sha256 was verified at load.
-        h = self.manifest.sha256[i].tobytes().hex()
-        return f"{self._objects}/{h[0:2]}/{h[2:4]}/{h}"
-
-    def bad_sample_message(self, i: int, what: str) -> str:
-        """One line naming the key of sample ``i`` and how to repair it."""
-        return (
-            f"sample {i} (key {self.manifest.keys[i]!r}, blob {self.manifest.sha_hex(i)[:16]}...) {what}; "
-            "run `python -m pipeline verify --repair` (make verify) or train with --on-bad-sample skip"
-        )
-
-    def _check_blobs(self) -> None:
-        missing = [i for i in range(len(self)) if not os.path.isfile(self.blob_path(i))]
-        if missing:
-            first = self.manifest.keys[missing[0]]
-            hdr = self.manifest.header
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(self)} blobs of manifest {self.manifest.path.name} are missing from "
-                f"{self.layout.objects} (first: key {first!r}); run `make fetch PREFIX=s3://{hdr.bucket}/{hdr.prefix}` "
-                "or `python -m pipeline verify --repair`"
-            )
-
-    def load_uint8(self, i: int) -> torch.Tensor:
-        """Decoded uint8 (3, H, W) image ``i``.
-
-        Raises:
-            ValueError: the blob is missing, or is not a decodable image (the message names the key).
-        """
-        try:
-            with open(self.blob_path(i), "rb") as f:
-                return decode_rgb(f.read())
-        except UndecodableImage as e:
-            raise ValueError(self.bad_sample_message(i, f"is not a decodable image ({e})")) from None
-        except FileNotFoundError:
-            raise ValueError(self.bad_sample_message(i, "is missing from the cache")) from None
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transforms(self.load_uint8(i)), int(self.manifest.label[i])
+from pipeline.cached_dataset import CachedImageDataset  # noqa: E402,F401 - the research code imported it from here

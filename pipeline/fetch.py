@@ -31,13 +31,13 @@ from cache.gc import EvictionReport, enforce_cap
 from cache.layout import CacheLayout
 from cache.locks import cache_lock
 from cache.manifest import ManifestRecord, write_manifest
-from cache.verify import GC_LOCK
+from cache.locks import GC_LOCK
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.listing import Listing
 from pipeline.mirror import MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef, SyncPolicy
 from pipeline.mirror_loop import mirror_stream
 from pipeline.s3 import StorageError, list_objects
-from pipeline.shard import ShardSpec, shard_mask
+from cache.shard import ShardSpec, shard_mask
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class FetchConfig:
         endpoint_label: what the manifest records as endpoint (default: the endpoint URL or ``aws``).
         progress: show a tqdm bar (bytes in MB = 10^6 bytes, like the summary line).
         sync: when blobs become durable (README "Guarantees"); the manifest is always written after.
-        shard: mirror only this shard of the listing (:mod:`pipeline.shard`); the manifest records it
+        shard: mirror only this shard of the listing (:mod:`cache.shard`); the manifest records it
             as ``shard: "k/N"`` and gets its own file. None (or ``k/1``) means the whole listing.
     """
 

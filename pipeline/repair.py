@@ -19,7 +19,7 @@ from cache.blobs import BlobStore, sync_filesystem
 from cache.layout import CacheLayout
 from cache.manifest import load_manifest
 from cache.verify import Problem
-from pipeline.config import ClientOptions
+from pipeline.config import EMBEDDED_DEMO, ClientOptions, manifest_endpoint
 from pipeline.engines import make_mirror
 from pipeline.mirror import MirrorStatus, ObjectRef
 from pipeline.mirror_loop import mirror_all
@@ -36,18 +36,14 @@ class RepairReport:
 @contextlib.contextmanager
 def _endpoint_for(header_endpoint: str, override: str | None, demo_count: int) -> Iterator[str | None]:
     """The URL to GET from: ``--endpoint``, the manifest's URL, AWS, or a fresh embedded demo server."""
-    if override:
-        yield override
-    elif header_endpoint.startswith(("http://", "https://")):
-        yield header_endpoint
-    elif header_endpoint == "embedded-demo":
+    if header_endpoint == EMBEDDED_DEMO and not override:
         # The demo set is generated deterministically, so a new embedded server serves the same bytes.
         from pipeline.server import embedded_server
 
         with embedded_server(demo=demo_count) as url:
             yield url
     else:
-        yield None  # "aws"
+        yield manifest_endpoint(header_endpoint, override)
 
 
 def repair(layout: CacheLayout, problems: list[Problem], *, options: ClientOptions, endpoint: str | None = None) -> RepairReport:
@@ -66,12 +62,12 @@ def repair(layout: CacheLayout, problems: list[Problem], *, options: ClientOptio
             continue
         refs = [ObjectRef(index=j, key=m.keys[p.index], size=int(m.size[p.index]), etag=m.etags[p.index],
                           label=int(m.label[p.index])) for j, p in enumerate(probs)]
-        demo_count = int((h.extra.get("fetch") or {}).get("listed", h.count))
+        demo_count = int((h.fetch or {}).get("listed", h.count))
         with _endpoint_for(h.endpoint, endpoint, demo_count) as url:
             opts = dataclasses.replace(options, endpoint=url)
             records = mirror_all([make_mirror(opts, h.bucket, store)], refs)
         for prob, rec in zip(probs, records):
-            uri = f"s3://{h.bucket}/{prob.key}"
+            uri = h.uri.key_uri(prob.key)
             if rec.status is MirrorStatus.FETCHED and rec.sha256 == prob.sha256:
                 report.repaired += 1
                 done.add(prob.sha256)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -71,7 +72,11 @@ class LoopbackS3Server:
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self._middleware = _Counting(DomainDispatcherApplication(create_backend_app))
-        self._server = make_server(host, port, self._middleware, threaded=True, request_handler=MotoRequestHandler)
+        # Bound here, not by werkzeug: werkzeug prints a bind failure and calls sys.exit(1), where a
+        # port in use or a privileged port must reach the CLI as an OSError (one line, exit 2).
+        self._socket = socket.create_server((host, port), backlog=128)
+        self._server = make_server(host, port, self._middleware, threaded=True, request_handler=MotoRequestHandler,
+                                   fd=self._socket.fileno())
         self._thread = threading.Thread(target=self._server.serve_forever, name="tess-s3", daemon=True)
 
     @property
@@ -96,6 +101,7 @@ class LoopbackS3Server:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self._socket.close()
         self._thread.join()
 
     def __enter__(self) -> LoopbackS3Server:

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -41,14 +42,28 @@ def install(prefix: Path = INSTALL_DIR) -> Path:
     for tool in ("node", "npm"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is not installed; s3rver needs Node.js 20 and npm")
+    # One retry and bounded timeouts: an unreachable registry is reported in seconds (npm's defaults
+    # retry for over a minute), and a black-holed one within about a minute.
     proc = subprocess.run(
-        ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error", f"s3rver@{VERSION}"],
+        ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error",
+         "--fetch-retries=1", "--fetch-retry-mintimeout=1000", "--fetch-retry-maxtimeout=5000",
+         "--fetch-timeout=30000", f"s3rver@{VERSION}"],
         capture_output=True, text=True, timeout=300,
     )
     if proc.returncode != 0 or not (modules / "s3rver" / "package.json").is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"npm install s3rver@{VERSION} failed (exit {proc.returncode}): {tail[0]}")
+        raise RuntimeError(f"npm install s3rver@{VERSION} failed (exit {proc.returncode}): {_npm_reason(proc.stderr or proc.stdout)}")
     return modules
+
+
+def _npm_reason(output: str) -> str:
+    """The line of npm's error output that says why (e.g. ``FetchError: ... ECONNREFUSED``)."""
+    lines = [line.removeprefix("npm error").removeprefix("npm ERR!").strip() for line in output.strip().splitlines()]
+    lines = [line for line in lines if line]
+    for marker in ("reason:", "FetchError", "code "):
+        for line in lines:
+            if marker in line:
+                return line
+    return lines[-1] if lines else "no output"
 
 
 class S3rverServer:
@@ -82,6 +97,13 @@ class S3rverServer:
 
     def reset_counts(self) -> None:
         req = urllib.request.Request(self.endpoint + "/_tess/stats", method="DELETE")
+        urllib.request.urlopen(req, timeout=10).close()
+
+    def delete_after_next_list(self, bucket: str, key: str) -> None:
+        """Arm a one-shot fault: the next listing of ``bucket`` still names ``key`` but deletes it just
+        before the answer is sent, so a client lists ``key`` and then finds it gone."""
+        query = urllib.parse.urlencode({"bucket": bucket, "key": key})
+        req = urllib.request.Request(f"{self.endpoint}/_tess/delete-after-list?{query}", method="POST")
         urllib.request.urlopen(req, timeout=10).close()
 
     def stop(self) -> None:

@@ -136,7 +136,8 @@ def test_cache_package_imports_neither_boto3_nor_torch(tmp_path):
     import subprocess
     import sys
 
-    code = "import sys, cache, cache.index, cache.locks; print(any(m in sys.modules for m in ('boto3','botocore','torch')))"
+    modules = "cache, cache.index, cache.locks, cache.gc, cache.verify, cache.shard, cache.uri, cache.manifest, pipeline.config"
+    code = f"import sys, {modules}; print(any(m in sys.modules for m in ('boto3','botocore','torch')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)), check=True)
     assert out.stdout.strip() == "False"
 

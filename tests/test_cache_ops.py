@@ -31,16 +31,21 @@ def test_verify_reports_by_key_then_repair_fixes(s3_server, bucket, options, cac
     layout.blob_path(m.sha_hex(3)).write_bytes(b"flipped bits")
     os.unlink(layout.blob_path(m.sha_hex(7)))
 
-    proc = run_cli("verify", "--cache-dir", str(cache_dir), "--no-progress")
-    assert proc.returncode == 1
-    assert f"corrupted: key '{m.keys[3]}'" in proc.stdout and f"missing: key '{m.keys[7]}'" in proc.stdout
-    assert "1 missing, 1 corrupted" in proc.stdout and "verify --repair" in proc.stderr
-    assert not layout.blob_path(m.sha_hex(3)).exists()  # a corrupted blob is removed, never served
+    # Plain verify only reads: run twice, it reports the same, and the corrupted blob is untouched.
+    for _ in range(2):
+        proc = run_cli("verify", "--cache-dir", str(cache_dir), "--no-progress")
+        assert proc.returncode == 1
+        assert f"corrupted: key '{m.keys[3]}'" in proc.stdout and f"missing: key '{m.keys[7]}'" in proc.stdout
+        assert "1 missing, 1 corrupted" in proc.stdout and "nothing was changed" in proc.stdout
+        assert f"make verify REPAIR=1 CACHE_DIR={cache_dir}" in proc.stderr
+        assert f"python -m pipeline verify --repair --cache-dir {cache_dir}" in proc.stderr
+        assert layout.blob_path(m.sha_hex(3)).read_bytes() == b"flipped bits"
 
     s3_server.reset_counts()
     proc = run_cli("verify", "--cache-dir", str(cache_dir), "--repair", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "repaired 2 blobs" in proc.stdout and s3_server.counts["GET"] == 2
+    assert "removed" not in proc.stdout  # both were healed in place, nothing left to remove
     assert verify_cache(layout).ok
     assert run_cli("verify", "--cache-dir", str(cache_dir), "--no-progress").returncode == 0
 
@@ -53,6 +58,18 @@ def test_repair_refuses_an_object_changed_on_the_server(s3_server, bucket, put, 
     proc = run_cli("verify", "--cache-dir", str(cache_dir), "--repair", "--no-progress")
     assert proc.returncode == 1
     assert "changed on the server" in proc.stderr and "make fetch" in proc.stderr
+
+
+def test_repair_removes_a_corrupted_blob_it_cannot_fetch_again_and_says_so(s3_server, bucket, put, options, cache_dir):
+    put("r/a_0.png", png_bytes(1))
+    m = load_manifest(_fetch(bucket, options, cache_dir, "r/").manifest)
+    blob = CacheLayout(root=cache_dir).blob_path(m.sha_hex(0))
+    blob.write_bytes(b"damaged")
+    put("r/a_0.png", png_bytes(2))  # the server no longer has the pinned bytes
+    proc = run_cli("verify", "--cache-dir", str(cache_dir), "--repair", "--no-progress")
+    assert proc.returncode == 1
+    assert "removed 1 corrupted blobs that could not be fetched again" in proc.stdout
+    assert not blob.exists()
 
 
 def _sized(seed: int, n: int = 1000) -> bytes:

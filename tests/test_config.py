@@ -79,3 +79,58 @@ def test_client_options_are_frozen_and_hashable():
     with pytest.raises(AttributeError):
         o.max_connections = 3  # type: ignore[misc]
     assert hash(o) == hash(ClientOptions(endpoint="http://127.0.0.1:9000/"))
+
+
+@pytest.mark.parametrize(
+    ("label", "override", "url"),
+    [
+        ("http://10.0.0.1:9000", None, "http://10.0.0.1:9000"),
+        ("https://minio.example", None, "https://minio.example"),
+        ("aws", None, None),
+        ("embedded-demo", None, None),
+        ("aws", "http://127.0.0.1:9", "http://127.0.0.1:9"),
+        ("http://10.0.0.1:9000", "http://127.0.0.1:9", "http://127.0.0.1:9"),
+    ],
+)
+def test_manifest_endpoint_turns_a_label_into_a_url(label, override, url):
+    from pipeline.config import AWS_ENDPOINT, EMBEDDED_DEMO, manifest_endpoint
+
+    assert manifest_endpoint(label, override) == url
+    assert {AWS_ENDPOINT, EMBEDDED_DEMO} == {"aws", "embedded-demo"}  # the labels manifests on disk hold
+
+
+def test_train_vae_flags_take_their_defaults_from_train_config():
+    import dataclasses
+
+    import train_vae
+    from pipeline.config import TrainConfig
+
+    parser = train_vae.build_parser()
+    args = parser.parse_args([])
+    fields = dataclasses.fields(TrainConfig)
+    # Every field has a flag, and every flag's default is the field's default (a tuple as a comma list).
+    flag_defaults = {f.name: getattr(args, f.name) for f in fields}
+    assert flag_defaults == {f.name: ",".join(f.default) if isinstance(f.default, tuple) else f.default for f in fields}
+    assert TrainConfig(**flag_defaults) == TrainConfig()
+    # Parsed values reach the config by name, with their types.
+    argv = ["-e", "3", "-b", "8", "--lr", "0.01", "--threads", "2", "--no-progress", "--amp", "--pack", "off",
+            "--extensions", "PNG,.jpg"]
+    args = parser.parse_args(argv)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields})
+    assert (config.epochs, config.batch, config.lr, config.threads, config.progress, config.amp, config.pack) == (
+        3, 8, 0.01, 2, False, True, "off")
+    assert config.extensions == (".png", ".jpg")
+    assert "(default 16)" in " ".join(parser.format_help().split())
+
+
+def test_fetch_flags_have_the_defaults_of_fetch_config_and_client_options():
+    from pipeline.cli import build_parser
+    from pipeline.fetch import FetchConfig
+
+    args = build_parser().parse_args(["fetch", "s3://bkt/p/"])
+    f = FetchConfig(prefix="s3://bkt/p/")
+    assert (args.workers, args.clients, args.batch, args.limit, args.verify, args.cache_dir) == (
+        f.workers, f.clients, f.batch, f.limit, f.verify, f.cache_dir)
+    d = ClientOptions()
+    assert (args.max_connections, args.retry_mode, args.max_attempts, args.connect_timeout, args.read_timeout) == (
+        d.max_connections, d.retry_mode, d.max_attempts, d.connect_timeout, d.read_timeout)

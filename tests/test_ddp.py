@@ -1,7 +1,7 @@
 """DDP training as users launch it: ``torchrun --standalone --nproc_per_node=2 train_vae.py`` on CPU (gloo).
 
 How "identical parameters on both ranks" is checked: at the end of training every rank hashes its
-model's state dict (:func:`pipeline.train.state_digest`), the digests are all-gathered and rank 0
+model's state dict (:func:`pipeline.distributed.state_digest`), the digests are all-gathered and rank 0
 writes them to ``summary.json`` as ``param_sha256_by_rank``; the test compares rank 1's digest with
 the digest of the model in rank 0's ``checkpoint.pt``, which the test recomputes itself. No test-only
 switch is involved: the same check runs (and is reported) in every DDP run.
@@ -29,18 +29,11 @@ from cache import BlobStore, CacheLayout, load_manifest, write_manifest
 from cache.manifest import ManifestRecord
 from pipeline.demo import demo_items
 from pipeline.model import VAE, VAEConfig
-from pipeline.shard import ShardSpec, in_shard
-from pipeline.train import (
-    DataSource,
-    Dist,
-    EpochBatchSampler,
-    RankPlan,
-    TrainConfig,
-    _check_shard_cover,
-    find_manifest,
-    plan_ranks,
-    state_digest,
-)
+from cache.shard import ShardSpec, in_shard
+from pipeline.batches import EpochBatchSampler
+from pipeline.config import TrainConfig
+from pipeline.distributed import DistState, RankPlan, RankShare, check_shard_cover, plan_ranks, state_digest
+from pipeline.sources import DataSource, cache_layout, find_manifest
 from tests.helpers import ROOT
 
 DEADLINE_S = 240  # generous for a loaded 2-core machine; a hang is the only way to reach it
@@ -171,7 +164,8 @@ def test_missing_shard_fails_on_every_rank_without_hanging(tmp_path):
     assert len(errors) == 2, proc.stderr[-3000:]
     (on0,) = [e for e in errors if e.endswith("(rank 0)")]
     (on1,) = [e for e in errors if e.endswith("(rank 1)")]
-    assert on1.startswith(f"tess: error: no manifest in {node1 / 'manifests'}; run `make fetch`")
+    # The hint names this node's own cache folder, ready to paste.
+    assert on1.startswith(f"tess: error: no manifest in {node1 / 'manifests'}; run `make fetch CACHE_DIR={node1}`")
     assert on0.startswith(f"tess: error: rank 1 stopped: no manifest in {node1 / 'manifests'}")
     assert not (out / "checkpoint.pt").exists()
 
@@ -194,39 +188,45 @@ def test_rank_picks_its_shard_from_a_shared_cache(tmp_path):
     for k in range(2):
         make_cache(cache, 20, shard=ShardSpec(k, 2))
     cfg = TrainConfig(cache_dir=str(cache), out=str(tmp_path / "o"))
-    pick = {r: load_manifest(find_manifest(cfg, Dist(rank=r, world=2, local_world=2))).header.extra["shard"] for r in (0, 1)}
-    assert pick == {0: "0/2", 1: "1/2"}
+    layout = cache_layout(cfg)
+    pick = {r: load_manifest(find_manifest(cfg, layout, DistState(rank=r, world=2, local_world=2))).header.shard for r in (0, 1)}
+    assert pick == {0: ShardSpec(0, 2), 1: ShardSpec(1, 2)}
     # Four ranks on two nodes: shard k/2 belongs to ranks 2k and 2k+1.
-    assert load_manifest(find_manifest(cfg, Dist(rank=3, world=4, local_rank=1, local_world=2))).header.extra["shard"] == "1/2"
+    assert load_manifest(find_manifest(cfg, layout, DistState(rank=3, world=4, local_rank=1, local_world=2))).header.shard == ShardSpec(1, 2)
     # Shards of another count and none of them this rank's: say which fetch to run.
     other = tmp_path / "other"
     for k in range(2):
         make_cache(other, 20, shard=ShardSpec(k, 3))
     other_cfg = TrainConfig(cache_dir=str(other), out=str(tmp_path / "o"))
     with pytest.raises(FileNotFoundError) as e:
-        find_manifest(other_cfg, Dist(rank=1, world=2, local_world=1))  # two nodes: one shard per node
+        find_manifest(other_cfg, cache_layout(other_cfg), DistState(rank=1, world=2, local_world=1))  # two nodes: one shard per node
     assert "holds shards 0/3, 1/3 of s3://demo/shapes/, none for rank 1 of 2" in str(e.value)
-    assert "run `make fetch PREFIX=s3://demo/shapes/ SHARD=1/2` on this node" in str(e.value)
+    assert f"run `make fetch PREFIX=s3://demo/shapes/ SHARD=1/2 CACHE_DIR={other}` (or " in str(e.value)
+    assert str(e.value).endswith("--shard 1/2 --cache-dir " + str(other) + "`) on this node or pass --manifest")
     with pytest.raises(FileNotFoundError) as e:
-        find_manifest(other_cfg, Dist(rank=1, world=2, local_world=2))  # one node: fetch it whole
-    assert "run `make fetch PREFIX=s3://demo/shapes/` (the full prefix)" in str(e.value)
+        find_manifest(other_cfg, cache_layout(other_cfg), DistState(rank=1, world=2, local_world=2))  # one node: fetch it whole
+    assert f"run `make fetch PREFIX=s3://demo/shapes/ CACHE_DIR={other}` (or " in str(e.value)
+    assert "(the full prefix)" in str(e.value) and "SHARD=" not in str(e.value)
     # A full manifest, when present, wins: every rank samples it through DistributedSampler.
     make_cache(cache, 20)
-    assert "shard" not in load_manifest(find_manifest(cfg, Dist(rank=1, world=2, local_world=2))).header.extra
+    assert load_manifest(find_manifest(cfg, layout, DistState(rank=1, world=2, local_world=2))).header.shard is None
 
 
 def test_shard_cover_check_names_the_missing_shard():
-    info = [{"shard": "0/3", "uri": "s3://b/p/"}, {"shard": "2/3", "uri": "s3://b/p/"}, {"shard": "0/3", "uri": "s3://b/p/"}]
+    def shares(*shards: ShardSpec, uri: str = "") -> list[RankShare]:
+        return [RankShare(digest="d", shard=s, samples=1, description="", uri=uri) for s in shards]
+
     with pytest.raises(ValueError) as e:
-        _check_shard_cover(info)
+        check_shard_cover(shares(ShardSpec(0, 3), ShardSpec(2, 3), ShardSpec(0, 3), uri="s3://b/p/"))
     assert str(e.value) == ("no rank holds shard 1/3 of s3://b/p/ (0/3 on rank(s) 0, 2; 2/3 on rank(s) 1); "
-                            "run `make fetch PREFIX=s3://b/p/ SHARD=1/3` on the node that lacks it")
+                            "run `make fetch PREFIX=s3://b/p/ SHARD=1/3` (or `python -m pipeline fetch s3://b/p/ --shard 1/3`) "
+                            "on the node that lacks it")
     with pytest.raises(ValueError, match="different counts"):
-        _check_shard_cover([{"shard": "0/2", "uri": ""}, {"shard": "1/3", "uri": ""}])
-    _check_shard_cover([{"shard": "1/2", "uri": ""}, {"shard": "0/2", "uri": ""}])  # complete: no error
+        check_shard_cover(shares(ShardSpec(0, 2), ShardSpec(1, 3)))
+    check_shard_cover(shares(ShardSpec(1, 2), ShardSpec(0, 2)))  # complete: no error
 
 
-def _source(n: int, digest: str, shard: str | None = None) -> DataSource:
+def _source(n: int, digest: str, shard: ShardSpec | None = None) -> DataSource:
     return DataSource(batches=None, indices=np.arange(n), digest=digest, description=f"{digest} ({n})", shard=shard)
 
 
@@ -251,7 +251,7 @@ def test_sampler_splits_an_epoch_and_pads_short_shards():
 
 
 def test_plan_without_ddp_is_the_single_process_plan():
-    plan = plan_ranks(_source(7, "abc", "1/2"), Dist())
+    plan = plan_ranks(_source(7, "abc", ShardSpec(1, 2)).share(), DistState())
     assert plan == RankPlan(split=None, num_samples=None, digest="abc", shards=["1/2"])
     with pytest.raises(ValueError, match="no usable samples"):
-        plan_ranks(_source(0, "abc"), Dist())
+        plan_ranks(_source(0, "abc").share(), DistState())

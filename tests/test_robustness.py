@@ -14,7 +14,8 @@ from cache.blobs import hash_file
 from cache.verify import verify_cache
 from pipeline.fetch import FetchConfig, fetch
 from pipeline.server import seed_objects
-from pipeline.train import TrainConfig, train
+from pipeline.config import TrainConfig
+from pipeline.train import train
 from tests.conftest import png_bytes
 from tests.helpers import ROOT, kill_when_blobs, run_cli
 
@@ -41,7 +42,7 @@ def test_sigkill_at_three_random_points(s3_server, bucket, cache_dir):
     rerun = run_cli("fetch", uri, "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress")
     assert rerun.returncode == 0, rerun.stderr
     m = load_manifest(next((cache_dir / "manifests").glob("*.jsonl")))
-    assert len(m) == n and m.header.extra["fetch"]["cached"] >= points[-1] - 2 * 16
+    assert len(m) == n and m.header.fetch["cached"] >= points[-1] - 2 * 16
     assert verify_cache(CacheLayout(root=cache_dir)).ok
     assert list((cache_dir / "tmp").iterdir()) == [], f"stale temp files not cleaned (had {len(leftovers)})"
 
@@ -75,7 +76,9 @@ def test_odd_objects_are_fetched_as_bytes_and_skipped_in_training(s3_server, buc
         train(TrainConfig(epochs=1, cache_dir=str(cache_dir), out=str(tmp_path / "stop"), progress=False))
     assert "odd/" in str(e.value) and "--on-bad-sample skip" in str(e.value)
     s = train(TrainConfig(epochs=1, cache_dir=str(cache_dir), out=str(tmp_path / "skip"), progress=False, on_bad_sample="skip"))
-    assert s["bad_samples_skipped"] == 3 and s["images"] == 30
+    # The .txt key is not an image: ignored, not a bad sample; the two damaged PNGs are skipped by name.
+    assert s.images == 30 and s.ignored_keys == 1 and s.ignored_examples == ["odd/readme_1.txt"]
+    assert s.skipped_keys == ["odd/cut_2.png", "odd/empty_3.png"] and s.bad_samples_skipped == 2
 
 
 def _peak_rss_mb(cmd) -> tuple[int, float]:

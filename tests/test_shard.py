@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 
 from cache import CacheLayout, load_manifest
-from pipeline.fetch import FetchConfig, fetch
-from pipeline.server import seed_objects
-from pipeline.shard import (
+from cache.shard import (
     ShardSpec,
     in_shard,
     parse_shard,
@@ -21,6 +19,8 @@ from pipeline.shard import (
     shard_mask,
     shard_of,
 )
+from pipeline.fetch import FetchConfig, fetch
+from pipeline.server import seed_objects
 from tests.helpers import blob_count, run_cli
 
 N_KEYS = 300
@@ -39,7 +39,7 @@ def _fetch(bucket, options, cache_dir, shard: ShardSpec | None, prefix: str = "s
 def test_union_of_shard_manifests_is_the_listing_without_repeats(bucket, options, tmp_path):
     seed_objects(bucket, _items(0, N_KEYS))
     full = load_manifest(_fetch(bucket, options, tmp_path / "full", None).manifest)
-    assert len(full) == N_KEYS and "shard" not in full.header.extra
+    assert len(full) == N_KEYS and full.header.shard is None
 
     seen: list[str] = []
     for k in range(3):
@@ -47,13 +47,13 @@ def test_union_of_shard_manifests_is_the_listing_without_repeats(bucket, options
         result = _fetch(bucket, options, cache, ShardSpec(k, 3))
         m = load_manifest(result.manifest)
         keys = list(m.keys)
-        assert m.header.extra["shard"] == f"{k}/3" and f"shard{k}of3" in result.manifest.name
+        assert m.header.shard == ShardSpec(k, 3) and f"shard{k}of3" in result.manifest.name
         assert all(in_shard(key, ShardSpec(k, 3)) for key in keys)
         # Roughly a third each (300 keys, hash split): a position or prefix bug would skew this.
         assert 60 <= len(keys) <= 140, len(keys)
         # The node mirrored its shard and nothing else, and the full listing was counted once.
         assert result.summary.fetched == len(keys) == blob_count(cache)
-        assert m.header.extra["fetch"]["listed"] == N_KEYS
+        assert m.header.fetch["listed"] == N_KEYS
         # Labels (folder classes) are numbered over the whole listing, so every shard agrees with the full one.
         full_label = {full.keys[i]: int(full.label[i]) for i in range(len(full))}
         assert all(int(m.label[i]) == full_label[m.keys[i]] for i in range(len(m)))
@@ -68,8 +68,8 @@ def test_shards_in_one_cache_get_their_own_manifests(bucket, options, cache_dir)
     paths.add(_fetch(bucket, options, cache_dir, None).manifest)
     assert len(paths) == 3  # shard 0/2, shard 1/2 and the full manifest side by side
     # The full fetch found every blob already in the cache from the two shard fetches.
-    full = [load_manifest(p) for p in paths if "shard" not in load_manifest(p).header.extra][0]
-    assert full.header.extra["fetch"]["cached"] == 40 and full.header.extra["fetch"]["fetched"] == 0
+    full = [load_manifest(p) for p in paths if load_manifest(p).header.shard is None][0]
+    assert full.header.fetch["cached"] == 40 and full.header.fetch["fetched"] == 0
 
 
 def test_adding_keys_moves_no_key_to_another_shard(bucket, options, cache_dir):

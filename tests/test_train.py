@@ -15,7 +15,9 @@ from cache.manifest import ManifestRecord
 from pipeline.datasets import CachedImageDataset
 from pipeline.demo import demo_items
 from pipeline.server import seed_objects
-from pipeline.train import METRIC_COLUMNS, TrainConfig, train
+from pipeline.config import TrainConfig
+from pipeline.outputs import METRIC_COLUMNS
+from pipeline.train import train
 from tests.helpers import run_cli
 
 N = 48
@@ -65,13 +67,18 @@ def test_missing_blob_error_names_key_and_fix(manifest, cache_dir):
     with pytest.raises(FileNotFoundError) as e:
         CachedImageDataset(manifest, cache_dir=cache_dir)
     msg = str(e.value)
-    assert "1 of 48 blobs" in msg and "shapes/img-000005_5.png" in msg and "make fetch PREFIX=s3://demo/shapes/" in msg
+    assert "1 of 48 image blobs" in msg and "shapes/img-000005_5.png" in msg
+    assert f"make fetch PREFIX=s3://demo/shapes/ CACHE_DIR={cache_dir}" in msg
+    assert f"make verify REPAIR=1 CACHE_DIR={cache_dir}" in msg
 
 
 def test_missing_manifest_is_one_line_with_fix(tmp_path):
     proc = run_cli("train_vae.py", "--cache-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), module="")
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "run `make fetch`" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    # Every suggested command carries the user's CACHE_DIR, ready to paste.
+    assert f"run `make fetch CACHE_DIR={tmp_path / 'empty'}`" in proc.stderr
+    assert f"`python -m pipeline fetch --cache-dir {tmp_path / 'empty'}`" in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -103,7 +110,7 @@ def test_training_writes_outputs(manifest, cache_dir, tmp_path, pack):
     assert sizes["reconstructions.png"] == (8 * 32 * 4 + 9 * GRID_PAD, 2 * 32 * 4 + 3 * GRID_PAD)
     assert sizes["samples.png"] == (8 * 32 * 4 + 9 * GRID_PAD, 8 * 32 * 4 + 9 * GRID_PAD)
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["images"] == 2 * N == summary["images"] and 0 <= saved["data_wait_share"] <= 1
+    assert saved["images"] == 2 * N == summary.images and 0 <= saved["data_wait_share"] <= 1
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 2 and ckpt["manifest_digest"] == saved["data_digest"]
 
@@ -131,7 +138,7 @@ def test_resume_refuses_checkpoint_of_another_manifest(manifest, cache_dir, tmp_
         train(_cfg(cache_dir, out, epochs=2, resume=True, manifest=str(other)))
     assert "pass --force-resume" in str(e.value)
     s = train(_cfg(cache_dir, out, epochs=2, resume=True, manifest=str(other), force_resume=True))
-    assert s["epochs_run"] == 1
+    assert s.epochs_run == 1
 
 
 def test_corrupt_blob_stops_with_key_or_is_skipped(manifest, cache_dir, tmp_path):
@@ -146,7 +153,7 @@ def test_corrupt_blob_stops_with_key_or_is_skipped(manifest, cache_dir, tmp_path
     assert "shapes/img-000009_9.png" in str(e.value)
     for pack in ("off", "on"):
         s = train(_cfg(cache_dir, tmp_path / f"skip-{pack}", pack=pack, on_bad_sample="skip", epochs=1))
-        assert s["bad_samples_skipped"] == 1 and s["images"] == N - 1
+        assert s.bad_samples_skipped == 1 and s.images == N - 1
 
 
 def test_train_streams_from_s3(s3_server, bucket, tmp_path):
@@ -154,6 +161,6 @@ def test_train_streams_from_s3(s3_server, bucket, tmp_path):
     out = tmp_path / "s3run"
     s = train(TrainConfig(epochs=1, batch=8, workers=2, clients=2, source="s3", prefix=f"s3://{bucket}/stream/",
                           endpoint=s3_server.endpoint, out=str(out), progress=False, cache_dir=str(tmp_path / "nocache")))
-    assert s["images"] == 40 and s["source"] == "s3" and s["iterations"] == 5
+    assert s.images == 40 and s.source == "s3" and s.iterations == 5
     assert (out / "reconstructions.png").is_file()
     assert not (tmp_path / "nocache").exists()  # streaming never touches the cache

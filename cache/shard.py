@@ -1,5 +1,8 @@
 """Deterministic shards of a listing: which keys node ``k`` of ``N`` mirrors (``fetch --shard k/N``).
 
+Pure (hashlib and numpy): the fetch splits listings with it, the manifest header parses its ``shard``
+field into a :class:`ShardSpec`, and training matches shards to ranks.
+
 A key belongs to shard ``h(key) mod N`` where ``h`` is the first 8 bytes (big-endian) of the SHA-256 of
 the key's UTF-8 bytes. The hash depends on the key alone, so adding or removing other keys never moves
 a key to another shard (a position-based split such as "every N-th listed key" would reshuffle every

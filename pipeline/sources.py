@@ -1,0 +1,168 @@
+"""Where training data comes from: the manifest to train on, and the :class:`DataSource` built from it.
+
+Owns the choice of manifest (``--manifest``, else the newest of ``--prefix``, else the newest of the
+cache; under DDP the rank's own shard, see :func:`pipeline.distributed.pick_rank_manifest`) and the
+source built from it: the decoded pack (default), the blobs decoded per sample (``--pack off``), or
+S3 streaming through ``DSSDataset`` (``--source s3``). The cache root is resolved once, in
+:func:`cache_layout`, and passed on as a :class:`CacheLayout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from cache.layout import CacheLayout
+from cache.locks import GC_LOCK, cache_lock
+from cache.manifest import ManifestArrays, latest_manifest, load_manifest, manifests_of, read_manifest_header
+from cache.shard import ShardSpec
+from pipeline.batches import PackedBatches, SampleBatches
+from pipeline.config import S3Uri, TrainConfig
+from pipeline.distributed import DistState, RankShare, pick_rank_manifest
+from pipeline.hints import fetch_hint, verify_hint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class DataSource:
+    """The batch dataset, the indices to sample, and what identifies the data (for checkpoints)."""
+
+    batches: Dataset
+    indices: np.ndarray
+    digest: str
+    description: str
+    manifest: ManifestArrays | None = None
+    layout: CacheLayout | None = None
+    network: dict[str, Any] | None = None
+    bad_at_build: list[int] = field(default_factory=list)
+    ignored: list[int] = field(default_factory=list)
+    shard: ShardSpec | None = None
+    preview: list[int] = field(default_factory=list)
+    fix: str = "check --extensions"
+
+    def key(self, i: int) -> str:
+        """The key of sample ``i`` (its index, when streaming)."""
+        return self.manifest.keys[i] if self.manifest is not None else str(i)
+
+    def share(self) -> RankShare:
+        """What this rank tells the others about its data (:func:`pipeline.distributed.plan_ranks`)."""
+        header = self.manifest.header if self.manifest is not None else None
+        return RankShare(digest=self.digest, shard=self.shard, samples=len(self.indices), description=self.description,
+                         fix=self.fix, uri=str(header.uri) if header else "", endpoint=header.endpoint if header else None,
+                         cache_dir=str(self.layout.root) if self.layout else None)
+
+
+def cache_layout(config: TrainConfig) -> CacheLayout:
+    """``--cache-dir``; else the cache that holds ``--manifest`` (its ``../..``); else the default cache."""
+    if config.cache_dir:
+        return CacheLayout.at(config.cache_dir)
+    if config.manifest:
+        return CacheLayout.at(Path(config.manifest).parent.parent)
+    return CacheLayout.at(None)
+
+
+def find_manifest(config: TrainConfig, layout: CacheLayout, dist_state: DistState = DistState()) -> Path:
+    """``--manifest``, else the newest manifest of ``--prefix``, else the newest manifest of the cache.
+
+    Under DDP (world > 1) the choice is among the manifests of that (bucket, prefix), by
+    :func:`pipeline.distributed.pick_rank_manifest`.
+
+    Raises:
+        FileNotFoundError: no manifest, or under DDP only other ranks' shards; the message says which
+            ``make fetch`` to run.
+    """
+    if config.manifest:
+        return Path(config.manifest)
+    if config.prefix:
+        uri = S3Uri.parse(config.prefix)
+        matches = manifests_of(layout, uri)
+        if not matches:
+            raise FileNotFoundError(f"no manifest for {uri} in {layout.manifests}; run "
+                                    f"{fetch_hint(str(uri), endpoint=config.endpoint, cache_dir=config.cache_dir)} first")
+    else:
+        try:
+            newest = latest_manifest(layout)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no manifest in {layout.manifests}; run {fetch_hint(None, cache_dir=config.cache_dir)} for the demo set, "
+                f"or {fetch_hint('s3://bucket/prefix', endpoint=config.endpoint, cache_dir=config.cache_dir)}"
+            ) from None
+        if dist_state.world == 1:
+            return newest
+        uri = read_manifest_header(newest).uri
+        matches = manifests_of(layout, uri)
+    if dist_state.world == 1:
+        return matches[-1]
+    headers = {p: read_manifest_header(p) for p in matches}
+    shards = {p: h.shard for p, h in headers.items()}
+    return pick_rank_manifest(shards, uri, dist_state, layout, headers[matches[-1]].endpoint)
+
+
+def build_source(config: TrainConfig, dist_state: DistState, stack: contextlib.ExitStack | None = None) -> DataSource:
+    """The training data: the cache (decoded pack or blobs) or S3 streaming (``--source s3``).
+
+    ``stack``, when given, holds the cache's shared GC lock for the whole run, so a cache-cap eviction
+    never deletes blobs under training.
+    """
+    layout = cache_layout(config)
+    if config.source == "s3":
+        return _stream_source(config, layout, dist_state)
+    return _cache_source(config, layout, dist_state, stack)
+
+
+def _stream_source(config: TrainConfig, layout: CacheLayout, dist_state: DistState) -> DataSource:
+    from pipeline.config import ClientOptions, manifest_endpoint, resolve_endpoint
+    from pipeline.datasets import DSSDataset
+    from pipeline.images import image_indices
+
+    prefix, endpoint = config.prefix, config.endpoint
+    if prefix is None:
+        h = read_manifest_header(find_manifest(config, layout, dist_state))
+        prefix, endpoint = str(h.uri), manifest_endpoint(h.endpoint, endpoint)
+    ds = DSSDataset(prefix, options=ClientOptions(endpoint=resolve_endpoint(endpoint)), client_num=config.clients,
+                    load2memory=True, image_size=config.image_size)
+    keep = image_indices(ds.listing.keys, config.extensions)
+    return DataSource(batches=SampleBatches(ds, skip_bad=config.on_bad_sample == "skip"), indices=keep,
+                      digest=f"s3:{prefix}", description=f"{prefix} (streaming, {len(keep)} images)",
+                      preview=[int(i) for i in keep[:8]], ignored=np.setdiff1d(np.arange(len(ds)), keep).tolist())
+
+
+def _cache_source(config: TrainConfig, layout: CacheLayout, dist_state: DistState,
+                  stack: contextlib.ExitStack | None) -> DataSource:
+    from pipeline.cached_dataset import CachedImageDataset
+    from pipeline.packs import can_use_pack, load_or_build_pack
+
+    skip = config.on_bad_sample == "skip"
+    path = find_manifest(config, layout, dist_state)
+    if not path.is_file():
+        # A plain raise: train() runs build_source through on_every_rank, so every rank reports it.
+        raise FileNotFoundError(f"manifest {path} not found on rank {dist_state.rank}; run `make fetch` on every node")
+    if stack is not None:
+        stack.enter_context(cache_lock(layout, GC_LOCK, shared=True))
+    manifest = load_manifest(path)
+    header = manifest.header
+    ds = CachedImageDataset(manifest, cache_dir=layout.root, image_size=config.image_size, check_blobs=True,
+                            extensions=config.extensions)
+    src = DataSource(
+        batches=SampleBatches(ds, skip_bad=skip), indices=ds.image_indices, digest=header.records_sha256,
+        description=f"{path.name} ({len(ds.image_indices)} images)", manifest=manifest, layout=layout,
+        network=header.network_cost, shard=header.shard, ignored=ds.ignored_indices.tolist(),
+        fix=f"check --extensions, or run {verify_hint(repair=True, endpoint=header.endpoint, cache_dir=layout)}",
+    )
+    if config.pack == "auto" and not can_use_pack(ds, config.image_size):
+        log.warning("the cache at %s is read-only: training without a decoded pack (decoding every epoch)", layout.root)
+    elif config.pack in ("auto", "on"):
+        pack = load_or_build_pack(ds, image_size=config.image_size, progress=config.progress and dist_state.main, skip_bad=skip)
+        src.batches = PackedBatches(pack.images, manifest.label)
+        src.indices = np.setdiff1d(ds.image_indices, np.asarray(pack.bad, dtype=np.int64))
+        src.bad_at_build = [int(i) for i in pack.bad]
+        src.description += f", decoded pack {pack.path.name}"
+    src.preview = [int(i) for i in src.indices[:8]]
+    return src
