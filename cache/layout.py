@@ -55,8 +55,10 @@ class CacheLayout:
         object.__setattr__(self, "root", root.absolute())
 
     @classmethod
-    def at(cls, root: str | os.PathLike[str] | None = None) -> CacheLayout:
-        """Layout at ``root``, or at :func:`default_cache_dir` when ``root`` is None or empty."""
+    def at(cls, root: str | os.PathLike[str] | CacheLayout | None = None) -> CacheLayout:
+        """Layout at ``root`` (a layout passes through), or at :func:`default_cache_dir` when ``root`` is None or empty."""
+        if isinstance(root, CacheLayout):
+            return root
         return cls(root=Path(root) if root else default_cache_dir())
 
     @property

@@ -33,7 +33,7 @@ from pipeline.listing import Listing
 from pipeline.mirror import Mirror, MirrorRecord, MirrorStatus, ObjectRef, SyncPolicy
 from pipeline.mirror_loop import mirror_all
 from pipeline.images import DefaultTransform as _DefaultTransform
-from pipeline.images import UndecodableImage, decode_rgb, to_float  # noqa: F401 - re-exported for users
+from pipeline.images import UndecodableImage, decode_rgb, to_float  # noqa: F401 - re-exported: the research code used them
 from pipeline.objectget import RetryableHTTPError, open_object
 from pipeline.s3 import PerProcess, StorageError, describe_error, get_client, list_objects, retry_call
 
@@ -74,7 +74,8 @@ class DSSDataset(Dataset):
     Args:
         prefix: ``s3://bucket/prefix``.
         options: client options (endpoint, connections, retries, timeouts).
-        client_num: clients per process; worker ``i`` uses client ``i % client_num``.
+        client_num: clients per process; worker ``i`` uses client ``i % client_num``. The research loader's
+            name, kept so its callers work unchanged; the CLI and the configs call it ``clients`` (``-c``).
         transforms: applied to the decoded uint8 (3, H, W) tensor; default: float in [0, 1] at
             ``image_size``.
         load2memory: True returns ``(image, label)`` decoded in memory; False mirrors the object into
@@ -94,7 +95,7 @@ class DSSDataset(Dataset):
         client_num: int = 1,
         transforms: Transform | None = None,
         load2memory: bool = True,
-        cache_dir: str | os.PathLike[str] | None = None,
+        cache_dir: str | os.PathLike[str] | CacheLayout | None = None,
         limit: int | None = None,
         listing: Listing | None = None,
         image_size: int | None = 32,
@@ -139,7 +140,7 @@ class DSSDataset(Dataset):
         return slot % self.client_num
 
     def _uri(self, i: int) -> str:
-        return f"s3://{self.uri.bucket}/{self.listing.keys[i]}"
+        return self.uri.key_uri(self.listing.keys[i])
 
     def _get_bytes(self, i: int, client_index: int) -> bytes:
         client = get_client(self.options, client_index)

@@ -358,7 +358,7 @@ def _records_in_workers(config: FetchConfig, uri: S3Uri, sub: Listing, layout: C
     from pipeline.engines import obstore_started_here
 
     dataset = DSSDataset(str(uri), options=config.options, client_num=config.clients, load2memory=False,
-                         cache_dir=layout.root, listing=sub, endpoint_label=endpoint, sync=config.sync)
+                         cache_dir=layout, listing=sub, endpoint_label=endpoint, sync=config.sync)
     loader = DataLoader(
         dataset,
         batch_size=config.batch,

@@ -14,17 +14,29 @@ from cache.layout import CacheLayout, default_cache_dir
 from pipeline.config import EMBEDDED_DEMO, manifest_endpoint
 
 
-def _cache_dir_arg(cache_dir: str | os.PathLike[str] | CacheLayout | None) -> str | None:
+# One setting as (the make variable, the python -m pipeline flag); None parts are left out.
+Part = tuple[str, str]
+
+
+def _cache_dir_part(cache_dir: str | os.PathLike[str] | CacheLayout | None) -> Part | None:
     """The cache folder to name, or None when it is the default one (nothing to pass)."""
     if cache_dir is None:
         return None
-    root = cache_dir.root if isinstance(cache_dir, CacheLayout) else CacheLayout.at(cache_dir).root
-    return None if root == CacheLayout.at(default_cache_dir()).root else str(root)
+    root = CacheLayout.at(cache_dir).root
+    if root == CacheLayout.at(default_cache_dir()).root:
+        return None
+    return f"CACHE_DIR={shlex.quote(str(root))}", f"--cache-dir {shlex.quote(str(root))}"
 
 
-def _endpoint_arg(endpoint: str | None) -> str | None:
+def _endpoint_part(endpoint: str | None) -> Part | None:
     """An endpoint URL worth naming: a real URL (a manifest's label may be ``aws`` or the demo's)."""
-    return manifest_endpoint(endpoint or "")
+    url = manifest_endpoint(endpoint or "")
+    return None if url is None else (f"ENDPOINT={shlex.quote(url)}", f"--endpoint {shlex.quote(url)}")
+
+
+def _command(make: str, cli: str, parts: list[Part | None]) -> str:
+    kept = [p for p in parts if p is not None]
+    return f"`{' '.join([make, *(m for m, _ in kept)])}` (or `{' '.join([cli, *(c for _, c in kept)])}`)"
 
 
 def fetch_hint(uri: str | None, *, endpoint: str | None = None, cache_dir=None, shard: str | None = None) -> str:
@@ -32,32 +44,15 @@ def fetch_hint(uri: str | None, *, endpoint: str | None = None, cache_dir=None, 
 
     ``uri`` None (or an embedded-demo manifest) means the demo set.
     """
-    make, cli = ["make fetch"], ["python -m pipeline fetch"]
-    if uri and endpoint != EMBEDDED_DEMO:
-        make.append(f"PREFIX={shlex.quote(uri)}")
-        cli.append(shlex.quote(uri))
-    if (url := _endpoint_arg(endpoint)) is not None:
-        make.append(f"ENDPOINT={shlex.quote(url)}")
-        cli.append(f"--endpoint {shlex.quote(url)}")
-    if shard:
-        make.append(f"SHARD={shard}")
-        cli.append(f"--shard {shard}")
-    if (root := _cache_dir_arg(cache_dir)) is not None:
-        make.append(f"CACHE_DIR={shlex.quote(root)}")
-        cli.append(f"--cache-dir {shlex.quote(root)}")
-    return f"`{' '.join(make)}` (or `{' '.join(cli)}`)"
+    prefix = (f"PREFIX={shlex.quote(uri)}", shlex.quote(uri)) if uri and endpoint != EMBEDDED_DEMO else None
+    return _command("make fetch", "python -m pipeline fetch", [
+        prefix, _endpoint_part(endpoint), (f"SHARD={shard}", f"--shard {shard}") if shard else None,
+        _cache_dir_part(cache_dir),
+    ])
 
 
 def verify_hint(*, repair: bool, endpoint: str | None = None, cache_dir=None) -> str:
     """``make verify [REPAIR=1] ...`` (and the ``python -m pipeline verify`` form) for these settings."""
-    make, cli = ["make verify"], ["python -m pipeline verify"]
-    if repair:
-        make.append("REPAIR=1")
-        cli.append("--repair")
-    if (url := _endpoint_arg(endpoint)) is not None:
-        make.append(f"ENDPOINT={shlex.quote(url)}")
-        cli.append(f"--endpoint {shlex.quote(url)}")
-    if (root := _cache_dir_arg(cache_dir)) is not None:
-        make.append(f"CACHE_DIR={shlex.quote(root)}")
-        cli.append(f"--cache-dir {shlex.quote(root)}")
-    return f"`{' '.join(make)}` (or `{' '.join(cli)}`)"
+    return _command("make verify", "python -m pipeline verify", [
+        ("REPAIR=1", "--repair") if repair else None, _endpoint_part(endpoint), _cache_dir_part(cache_dir),
+    ])
