@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "tess default (--threads 1)": ([], {}),
     "--threads 2 (passive waits)": (["--threads", "2"], {}),
-    "--threads 2, spinning (OMP_WAIT_POLICY=ACTIVE)": (["--threads", "2"], {"OMP_WAIT_POLICY": "ACTIVE"}),
-    "--threads 0 = torch's one per core, spinning": (["--threads", "0"], {"OMP_WAIT_POLICY": "ACTIVE"}),
+    "--threads 2 spinning (OMP_WAIT_POLICY=ACTIVE)": (["--threads", "2"], {"OMP_WAIT_POLICY": "ACTIVE"}),
+    "--threads 0 = torch's one per core (spinning)": (["--threads", "0"], {"OMP_WAIT_POLICY": "ACTIVE"}),
 }
 
 
@@ -65,10 +65,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--busy", type=int, default=1, help="spinning processes beside the busy runs (default 1)")
     p.add_argument("--cpus", default=None, help="pin runs and busy processes to these cores, e.g. 0,1")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default=";".join(VARIANTS), help="semicolon-separated subset of: " + "; ".join(VARIANTS))
     args = p.parse_args()
     taskset = ["taskset", "-c", args.cpus] if args.cpus else []
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    names = [v.strip() for v in args.variants.split(";") if v.strip()]
     with tempfile.TemporaryDirectory(prefix="tess-contention-") as tmp:
         cache = Path(tmp) / "cache"
         build_cache(cache, args.n)

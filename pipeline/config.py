@@ -175,8 +175,8 @@ class TrainConfig:
     on_bad_sample: str = "stop"
     progress: bool = True
     # One intra-op thread: torch's default (one per core) spins OpenMP threads that collapse when any other
-    # process wants a core (bench/results/contention_n2000.md: 194 vs 639 img/s on the shared 2-core
-    # machine); 0 means torch's own choice.
+    # process wants a core (bench/results/contention_n2000.md, 2 cores: one thread 785 img/s beside a busy
+    # process vs 268 for torch's default, at a 17% cost when idle); 0 means torch's own choice.
     threads: int = 1
     extensions: tuple[str, ...] = IMG_EXTENSIONS
 
