@@ -210,7 +210,7 @@ class DSSDataset(Dataset):
                          last_modified=lst.last_modified[i], label=int(lst.label[i]))
 
     def _mirror_batch(self, indices: Sequence[int]) -> list[MirrorRecord]:
-        """Mirror objects ``indices`` into the cache; their the :class:`MirrorRecord` of each, in that order."""
+        """Mirror objects ``indices`` into the cache; the :class:`MirrorRecord` of each, in that order."""
         records = mirror_all(self._mirrors(), [self.object_ref(i) for i in indices])
         self._record_in_index(records)
         return records
