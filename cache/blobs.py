@@ -38,15 +38,13 @@ def hash_file(path: str | os.PathLike[str]) -> str:
 
 
 _temp_counter = itertools.count()
+_TEMP_SALT = int.from_bytes(os.urandom(8), "big")
 
 
 def _temp_path(folder: str) -> str:
     """A fresh temp file name in ``folder`` carrying this pid (the :func:`cache.atomic.temp_path_for`
     pattern, so :func:`~cache.atomic.remove_stale_temp_files` cleans it up), without urandom per blob."""
     return f"{folder}/.{os.getpid()}-{next(_temp_counter) ^ _TEMP_SALT:016x}{TEMP_SUFFIX}"
-
-
-_TEMP_SALT = int.from_bytes(os.urandom(8), "big")
 
 
 class BlobWriter:

@@ -8,11 +8,15 @@ WAL mode) makes it safe to share between processes and survives killed runs.
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 from collections.abc import Iterable
 
 import diskcache
 
 from cache.layout import CacheLayout
+
+log = logging.getLogger(__name__)
 
 
 def _index_key(endpoint: str, bucket: str, key: str, etag: str, size: int) -> str:
@@ -42,6 +46,14 @@ class KeyIndex:
         with self._cache.transact():
             for k, e, s, sha in items:
                 cset(_index_key(endpoint, bucket, k, e, s), sha)
+
+    def put_many_or_warn(self, endpoint: str, bucket: str, items: list[tuple[str, str, int, str]]) -> None:
+        """:meth:`put_many`, where a failure is only logged: the blobs are safe, and a missing index entry
+        costs no more than a GET on the next run (a full disk is reported by the blob writes themselves)."""
+        try:
+            self.put_many(endpoint, bucket, items)
+        except (sqlite3.Error, OSError) as e:
+            log.warning("key index not updated for %d objects (%s)", len(items), e)
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -30,7 +30,7 @@ from cache.layout import CacheLayout
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.engines import make_mirror, settings_for
 from pipeline.listing import Listing
-from pipeline.mirror import Mirror, MirrorRecord, MirrorStatus, ObjectRef, SyncPolicy
+from pipeline.mirror import Mirror, MirrorRecord, MirrorStatus, SyncPolicy
 from pipeline.mirror_loop import mirror_all
 from pipeline.images import DefaultTransform as _DefaultTransform
 from pipeline.images import UndecodableImage, decode_rgb, to_float  # noqa: F401 - re-exported: the research code used them
@@ -204,14 +204,9 @@ class DSSDataset(Dataset):
             return [make_mirror(self.options, self.uri.bucket, store, client=c, worker=info.id, settings=settings)]
         return [make_mirror(self.options, self.uri.bucket, store, client=c, settings=settings) for c in range(self.client_num)]
 
-    def object_ref(self, i: int) -> ObjectRef:
-        lst = self.listing
-        return ObjectRef(index=int(i), key=lst.keys[i], size=int(lst.size[i]), etag=lst.etags[i],
-                         last_modified=lst.last_modified[i], label=int(lst.label[i]))
-
     def _mirror_batch(self, indices: Sequence[int]) -> list[MirrorRecord]:
         """Mirror objects ``indices`` into the cache; the :class:`MirrorRecord` of each, in that order."""
-        records = mirror_all(self._mirrors(), [self.object_ref(i) for i in indices])
+        records = mirror_all(self._mirrors(), [self.listing.object_ref(i) for i in indices])
         self._record_in_index(records)
         return records
 
@@ -220,15 +215,14 @@ class DSSDataset(Dataset):
         entries = [(r.key, r.etag, r.size, r.sha256) for r in records if r.status is MirrorStatus.FETCHED]
         if not entries:
             return
-        self._blob_store()
+        self._blob_store()  # a new process drops the parent's index handle
         try:
             if self._index is None:
                 self._index = KeyIndex(self.layout)
-            self._index.put_many(self.endpoint_label, self.uri.bucket, entries)
         except (sqlite3.Error, OSError) as e:
-            # The blobs are safe; a missing index entry only costs a GET on the next run. A full disk
-            # is reported by the blob writes themselves.
-            log.warning("key index not updated for %d objects (%s)", len(entries), e)
+            log.warning("key index not opened; %d objects not recorded (%s)", len(entries), e)
+            return
+        self._index.put_many_or_warn(self.endpoint_label, self.uri.bucket, entries)
 
 
 from pipeline.cached_dataset import CachedImageDataset  # noqa: E402,F401 - the research code imported it from here

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from cache.manifest import ManifestRecord, write_manifest
 from cache.locks import GC_LOCK
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.listing import Listing
-from pipeline.mirror import MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef, SyncPolicy
+from pipeline.mirror import MirrorRecord, MirrorSettings, MirrorStatus, SyncPolicy
 from pipeline.mirror_loop import mirror_stream
 from pipeline.s3 import StorageError, list_objects
 from cache.shard import ShardSpec, shard_mask
@@ -170,14 +169,14 @@ def _resolve_cached(listing: Listing, *, layout: CacheLayout, endpoint: str, buc
     with KeyIndex(layout) as index:
         shas = index.get_many(endpoint, bucket, ((listing.keys[i], listing.etags[i], int(listing.size[i])) for i in range(len(listing))))
     out: list[str | None] = []
-    for sha in shas:
+    for i, sha in enumerate(shas):
         if sha is not None:
             path = layout.blob_path(sha)
             try:
                 # Marks the blob as used now (the LRU order of cache.gc) and proves it exists with the
                 # listed size (a blob cut short by a power loss is fetched again).
                 os.utime(path)
-                complete = os.stat(path).st_size == int(listing.size[len(out)])
+                complete = os.stat(path).st_size == int(listing.size[i])
             except FileNotFoundError:
                 sha = None
             else:
@@ -322,8 +321,7 @@ def _records_here(config: FetchConfig, uri: S3Uri, sub: Listing, layout: CacheLa
     store = BlobStore(layout)
     settings = settings_for(config.options, sync=config.sync)
     mirrors = [make_mirror(config.options, uri.bucket, store, client=c, settings=settings) for c in range(config.clients)]
-    refs = [ObjectRef(index=j, key=sub.keys[j], size=int(sub.size[j]), etag=sub.etags[j],
-                      last_modified=sub.last_modified[j], label=int(sub.label[j])) for j in range(len(sub))]
+    refs = [sub.object_ref(j) for j in range(len(sub))]
     pending: list[tuple[str, str, int, str]] = []
     with KeyIndex(layout) as index:
         stream = mirror_stream(mirrors, refs)
@@ -340,14 +338,9 @@ def _records_here(config: FetchConfig, uri: S3Uri, sub: Listing, layout: CacheLa
 
 
 def _put_index(index: KeyIndex, endpoint: str, bucket: str, pending: list[tuple[str, str, int, str]]) -> None:
-    if not pending:
-        return
-    try:
-        index.put_many(endpoint, bucket, list(pending))
-    except (sqlite3.Error, OSError) as e:
-        # The blobs are safe; a missing index entry only costs a GET on the next run.
-        log.warning("key index not updated for %d objects (%s)", len(pending), e)
-    pending.clear()
+    if pending:
+        index.put_many_or_warn(endpoint, bucket, list(pending))
+        pending.clear()
 
 
 def _records_in_workers(config: FetchConfig, uri: S3Uri, sub: Listing, layout: CacheLayout, endpoint: str) -> Iterator[MirrorRecord]:

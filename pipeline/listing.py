@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache.manifest import StringArray
+from pipeline.mirror import ObjectRef
 from pipeline.s3 import ObjectInfo
 
 _LABEL_RE = re.compile(r"_(\d{1,9})\.[A-Za-z0-9]+$")
@@ -78,6 +79,11 @@ class Listing:
 
     def __len__(self) -> int:
         return len(self.size)
+
+    def object_ref(self, i: int, *, index: int | None = None) -> ObjectRef:
+        """Listed object ``i`` as the mirror's :class:`ObjectRef` (``index``: the number it goes by, default ``i``)."""
+        return ObjectRef(index=int(i if index is None else index), key=self.keys[i], size=int(self.size[i]),
+                         etag=self.etags[i], last_modified=self.last_modified[i], label=int(self.label[i]))
 
     def subset(self, indices: np.ndarray) -> Listing:
         """The listing restricted to ``indices`` (in that order)."""

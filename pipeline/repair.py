@@ -21,6 +21,7 @@ from cache.manifest import load_manifest
 from cache.verify import Problem
 from pipeline.config import EMBEDDED_DEMO, ClientOptions, manifest_endpoint
 from pipeline.engines import make_mirror
+from pipeline.hints import fetch_hint
 from pipeline.mirror import MirrorStatus, ObjectRef
 from pipeline.mirror_loop import mirror_all
 
@@ -72,7 +73,8 @@ def repair(layout: CacheLayout, problems: list[Problem], *, options: ClientOptio
                 report.repaired += 1
                 done.add(prob.sha256)
             elif rec.status is MirrorStatus.FETCHED:
-                report.failed.append(f"{uri} changed on the server since {path.name} was written; run `make fetch` for a new manifest")
+                fix = fetch_hint(str(h.uri), endpoint=endpoint or h.endpoint, cache_dir=layout, shard=h.shard and str(h.shard))
+                report.failed.append(f"{uri} changed on the server since {path.name} was written; run {fix} for a new manifest")
             else:
                 report.failed.append(rec.error or f"{uri}: {rec.status.value}")
     if report.repaired:

@@ -58,6 +58,8 @@ def test_repair_refuses_an_object_changed_on_the_server(s3_server, bucket, put, 
     proc = run_cli("verify", "--cache-dir", str(cache_dir), "--repair", "--no-progress")
     assert proc.returncode == 1
     assert "changed on the server" in proc.stderr and "make fetch" in proc.stderr
+    # The suggested fetch is this cache's own: prefix, endpoint and folder, ready to paste.
+    assert f"make fetch PREFIX=s3://{bucket}/c/ ENDPOINT={s3_server.endpoint} CACHE_DIR={cache_dir}" in proc.stderr
 
 
 def test_repair_removes_a_corrupted_blob_it_cannot_fetch_again_and_says_so(s3_server, bucket, put, options, cache_dir):
