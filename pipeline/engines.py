@@ -34,7 +34,8 @@ import urllib3.exceptions
 
 from cache.checks import Expected, checksum_from_head
 from pipeline.config import ClientOptions, redact_url
-from pipeline.mirror import FailureKind, GetFailure, MirrorStatus
+from cache.blobs import BlobStore
+from pipeline.mirror import FailureKind, GetFailure, Mirror, MirrorSettings, MirrorStatus
 from pipeline.objectget import RETRYABLE_STATUS, RetryableHTTPError, open_object
 from pipeline.s3 import PerProcess, describe_error, get_client
 
@@ -296,19 +297,15 @@ def getter_for(options: ClientOptions, bucket: str, index: int = 0) -> Any:
     return _getters.get((options, bucket, index, name), lambda: make(options, bucket, index))
 
 
-def settings_for(options: ClientOptions, **overrides: Any) -> Any:
+def settings_for(options: ClientOptions, **overrides: Any) -> MirrorSettings:
     """Mirror settings from client options: concurrency = ``max_connections``, attempts, read timeout."""
-    from pipeline.mirror import MirrorSettings
-
     return MirrorSettings(concurrency=options.max_connections, max_attempts=options.max_attempts,
                           read_timeout=options.read_timeout, **overrides)
 
 
-def make_mirror(options: ClientOptions, bucket: str, store: Any, *, client: int = 0, worker: int = -1,
-                settings: Any = None) -> Any:
+def make_mirror(options: ClientOptions, bucket: str, store: BlobStore, *, client: int = 0, worker: int = -1,
+                settings: MirrorSettings | None = None) -> Mirror:
     """A :class:`~pipeline.mirror.Mirror` over client ``client`` of this process."""
-    from pipeline.mirror import Mirror
-
     return Mirror(store, getter_for(options, bucket, client), settings or settings_for(options), client=client, worker=worker)
 
 
