@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from cache.atomic import TEMP_SUFFIX
@@ -22,7 +23,6 @@ __all__ = ["BlobStore", "BlobWriteError", "BlobWriter", "hash_file", "md5_from_e
 
 CHUNK = 1 << 20
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_HASH_READ = 4 << 20
 
 # One exception for every body check (kept under its old name for callers of cache.blobs).
 BlobWriteError = BodyCheckError
@@ -50,40 +50,29 @@ def _temp_path(folder: str) -> str:
 class BlobWriter:
     """One in-flight blob: write it, then :meth:`commit` (checks, optional fsync, rename) or :meth:`abort`.
 
-    Bodies arrive either in order (:meth:`write`, hashed as they come) or as ranges in any order
-    (:meth:`write_at`, then :meth:`hash_through` as the contiguous prefix grows, re-reading it from the
-    page cache, so no more than the chunks in flight is ever held in memory).
+    Bodies arrive in order, as single chunks (:meth:`write`) or as whole ranges (:meth:`append`, where
+    the MD5 and any additional checksum run in a helper thread beside SHA-256 and the write), and are
+    hashed from memory as they are written: nothing is read back.
     """
 
     def __init__(self, store: BlobStore, *, expected: Expected, label: str, fsync: bool = True) -> None:
         self._store = store
         self._hasher = BodyHasher(expected, label=label)
         self._fsync = fsync
-        self._ranged = False
         self.tmp_path = _temp_path(store.tmp_dir)
-        self._f = open(self.tmp_path, "x+b")  # readable too: ranged bodies are hashed back from it
+        self._f = open(self.tmp_path, "xb")
 
     def write(self, chunk: bytes | memoryview) -> None:
         self._f.write(chunk)
         self._hasher.update(chunk)
 
-    def write_at(self, offset: int, chunk: bytes | memoryview) -> None:
-        """Write ``chunk`` at ``offset`` (ranged GETs); hashing waits for :meth:`hash_through`."""
-        self._ranged = True
-        os.pwrite(self._f.fileno(), chunk, offset)
+    def append(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """Write and hash ``chunks``, the next bytes of the body (e.g. one ranged GET's body)."""
+        self._hasher.update_many(chunks, also=self._f.write)
 
     @property
-    def hashed(self) -> int:
+    def written(self) -> int:
         return self._hasher.size
-
-    def hash_through(self, end: int) -> None:
-        """Hash the bytes written so far up to ``end`` (they must all have been written)."""
-        fd = self._f.fileno()
-        while self._hasher.size < end:
-            data = os.pread(fd, min(_HASH_READ, end - self._hasher.size), self._hasher.size)
-            if not data:
-                break
-            self._hasher.update_split(data)
 
     def commit(self) -> tuple[str, bool]:
         """Check, fsync (unless the store syncs once later) and move the blob into place.
@@ -92,9 +81,6 @@ class BlobWriter:
             (sha256 hex, True if newly stored).
         """
         try:
-            if self._ranged:
-                self._f.flush()
-                self.hash_through(os.fstat(self._f.fileno()).st_size)
             sha = self._hasher.verify()
             self._f.flush()
             if self._fsync:

@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import zlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -110,7 +111,7 @@ _helper_lock = threading.Lock()
 
 
 def _helper() -> ThreadPoolExecutor:
-    """Threads for :meth:`BodyHasher.update_split` (made on first use, per process)."""
+    """Threads for :meth:`BodyHasher.update_many` (made on first use, per process)."""
     global _helper_pool, _helper_pid
     with _helper_lock:
         if _helper_pool is None or _helper_pid != os.getpid():
@@ -139,23 +140,29 @@ class BodyHasher:
             self._extra.update(chunk)
         self.size += len(chunk)
 
-    def update_split(self, chunk: bytes | memoryview) -> None:
-        """:meth:`update` for large chunks: MD5 and the additional checksum run in a helper thread while
-        SHA-256 runs in this one (hashlib releases the GIL), so two cores hash one body."""
-        if self._md5 is None and self._extra is None:
-            self._sha.update(chunk)
-            self.size += len(chunk)
-            return
-        helper = _helper().submit(self._update_others, chunk)
-        self._sha.update(chunk)
-        helper.result()
-        self.size += len(chunk)
+    def update_many(self, chunks: Sequence[bytes | memoryview], *, also: Callable[[bytes | memoryview], object] | None = None) -> None:
+        """:meth:`update` for a run of large chunks, with ``also(chunk)`` (e.g. a file write) called on each.
 
-    def _update_others(self, chunk: bytes | memoryview) -> None:
-        if self._md5 is not None:
-            self._md5.update(chunk)
-        if self._extra is not None:
-            self._extra.update(chunk)
+        MD5 and the additional checksum run in a helper thread while SHA-256 and ``also`` run in this one
+        (hashlib releases the GIL for large buffers), so two cores work on one body.
+        """
+        helper = _helper().submit(self._update_others, chunks) if self._md5 is not None or self._extra is not None else None
+        try:
+            for chunk in chunks:
+                if also is not None:
+                    also(chunk)
+                self._sha.update(chunk)
+        finally:
+            if helper is not None:
+                helper.result()
+        self.size += sum(len(c) for c in chunks)
+
+    def _update_others(self, chunks: Sequence[bytes | memoryview]) -> None:
+        for chunk in chunks:
+            if self._md5 is not None:
+                self._md5.update(chunk)
+            if self._extra is not None:
+                self._extra.update(chunk)
 
     def verify(self) -> str:
         """SHA-256 hex of the body.

@@ -28,8 +28,9 @@ class KeyIndex:
 
     def __init__(self, layout: CacheLayout) -> None:
         layout.index.mkdir(parents=True, exist_ok=True)
-        # No eviction: the index is tiny next to the blobs and losing entries costs GETs.
-        self._cache = diskcache.Cache(str(layout.index), eviction_policy="none", size_limit=2**62)
+        # No eviction: the index is tiny next to the blobs and losing entries costs GETs. cull_limit=0
+        # also skips the query for expired keys that diskcache runs on every set (none ever expire).
+        self._cache = diskcache.Cache(str(layout.index), eviction_policy="none", size_limit=2**62, cull_limit=0)
 
     def get(self, *, endpoint: str, bucket: str, key: str, etag: str, size: int) -> str | None:
         return self._cache.get(_index_key(endpoint, bucket, key, etag, size))

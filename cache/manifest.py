@@ -24,7 +24,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,10 @@ def read_key_list(path: str | os.PathLike[str]) -> list[str]:
 
 
 def _record_line(r: ManifestRecord) -> bytes:
-    return (json.dumps(asdict(r), ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    # The fields by hand, in declaration order: dataclasses.asdict deep-copies each value (~20 us a record).
+    fields = {"key": r.key, "sha256": r.sha256, "size": r.size, "etag": r.etag, "last_modified": r.last_modified,
+              "label": r.label}
+    return (json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
 def utc_now() -> str:

@@ -32,9 +32,10 @@ from cache.locks import cache_lock
 from cache.manifest import ManifestRecord, write_manifest
 from cache.locks import GC_LOCK
 from pipeline.config import ClientOptions, S3Uri
+from pipeline.engines import list_objects_native
 from pipeline.listing import Listing
 from pipeline.mirror import MirrorRecord, MirrorSettings, MirrorStatus, SyncPolicy
-from pipeline.mirror_loop import mirror_stream
+from pipeline.mirror_loop import fewer_collections, mirror_stream
 from pipeline.s3 import StorageError, list_objects
 from cache.shard import ShardSpec, shard_mask
 
@@ -201,7 +202,10 @@ def fetch(config: FetchConfig) -> FetchResult:
     # List before touching the disk: a bad bucket, an empty prefix or an unreachable endpoint leaves no
     # cache skeleton behind.
     list_stats: dict[str, int] = {}
-    listing = Listing.from_objects(list_objects(uri, config.options, limit=config.limit, stats=list_stats), prefix=uri.prefix)
+    # The native listing starts obstore's runtime here, after which DataLoader workers must be spawned
+    # (slower to start), so with workers the listing stays boto3's.
+    lister = list_objects_native if config.workers == 0 else list_objects
+    listing = Listing.from_objects(lister(uri, config.options, limit=config.limit, stats=list_stats), prefix=uri.prefix)
     if len(listing) == 0:
         raise StorageError(f"no objects under {uri}; check PREFIX (keys are case-sensitive and the prefix is literal)")
     layout.create()
@@ -287,25 +291,26 @@ def _mirror(config: FetchConfig, uri: S3Uri, listing: Listing, todo: np.ndarray,
     bar = _bar(int(sub.size.sum()), config.progress)
     done = 0
     try:
-        for rec in (_records_here if config.workers == 0 else _records_in_workers)(config, uri, sub, layout, endpoint):
-            i = int(todo[rec.index])
-            rec = dataclasses.replace(rec, index=i)
-            summary.retries += rec.retries
-            if rec.status is MirrorStatus.FATAL:
-                raise StorageError(rec.error or f"fetching {uri} failed")
-            if rec.status is MirrorStatus.FETCHED:
-                summary.fetched += 1
-                summary.bytes_fetched += rec.size
-            else:
-                summary.missing += rec.status is MirrorStatus.MISSING
-                summary.failed += rec.status is MirrorStatus.FAILED
-                summary.errors.append(rec.error or "")
-                log.warning("%s", rec.error)
-            records[i] = rec
-            done += 1
-            bar.update(int(listing.size[i]))
-            if done % 64 == 0 or done == len(todo):
-                bar.set_postfix_str(f"{done}/{len(todo)} objects", refresh=False)
+        with fewer_collections():
+            for rec in (_records_here if config.workers == 0 else _records_in_workers)(config, uri, sub, layout, endpoint):
+                i = int(todo[rec.index])
+                rec = dataclasses.replace(rec, index=i)
+                summary.retries += rec.retries
+                if rec.status is MirrorStatus.FATAL:
+                    raise StorageError(rec.error or f"fetching {uri} failed")
+                if rec.status is MirrorStatus.FETCHED:
+                    summary.fetched += 1
+                    summary.bytes_fetched += rec.size
+                else:
+                    summary.missing += rec.status is MirrorStatus.MISSING
+                    summary.failed += rec.status is MirrorStatus.FAILED
+                    summary.errors.append(rec.error or "")
+                    log.warning("%s", rec.error)
+                records[i] = rec
+                done += 1
+                bar.update(int(listing.size[i]))
+                if done % 64 == 0 or done == len(todo):
+                    bar.set_postfix_str(f"{done}/{len(todo)} objects", refresh=False)
     finally:
         bar.close()
 

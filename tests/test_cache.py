@@ -1,6 +1,7 @@
 """cache/: layout, atomic blobs, manifest format and compact loading, key list round trip, index."""
 
 import hashlib
+import dataclasses
 import json
 import os
 
@@ -82,6 +83,8 @@ def test_manifest_format_and_round_trip(tmp_path):
     assert header["count"] == len(recs) and header["total_bytes"] == sum(r.size for r in recs)
     assert header["classes"] == ["x"]
     assert [json.loads(line)["key"] for line in lines[1:-1]] == ODD_KEYS
+    # Every field of the record, in declaration order (records_sha256 covers these exact bytes).
+    assert list(json.loads(lines[1])) == [f.name for f in dataclasses.fields(ManifestRecord)]
     assert json.loads(lines[1]).keys() == {"key", "sha256", "size", "etag", "last_modified", "label"}
     assert read_key_list(path.with_suffix(".keys")) == ODD_KEYS
     arrays = load_manifest(path)

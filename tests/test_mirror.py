@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from cache import CacheLayout
-from cache.blobs import BlobStore, hash_file
+from cache.blobs import BlobStore, BlobWriter, hash_file
 from cache.checks import Checksum, ChecksumAlgorithm, Expected
 from pipeline.mirror import (FailureKind, GetFailure, Mirror, MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef,
                              SyncPolicy)
@@ -193,6 +193,53 @@ def test_a_cut_range_is_retried_alone(store):
     (rec,) = _run(Mirror(store, getter, settings), {"big": data})
     assert rec.status is MirrorStatus.FETCHED and rec.retries == 1
     assert len(getter.gets) == 4 + 1 and store.verify(rec.sha256)
+
+
+def test_parts_in_memory_stay_within_the_slots_and_every_object_completes(store, monkeypatch):
+    """Parts hold a slot from launch until written: memory is bounded over all large objects, and objects
+    that each hold slots never wait on one another (a deadlock would trip the wait_for)."""
+    objects = {f"big{i}": random.Random(i).randbytes((3 << 20) + i) for i in range(5)}
+    getter = FakeGetter(objects)
+    held, peak = [0], [0]
+    real_get, real_append = getter.get, BlobWriter.append
+
+    async def counting_get(key, **kw):
+        body = await real_get(key, **kw)
+        held[0] += 1
+        peak[0] = max(peak[0], held[0])
+        return body
+
+    def counting_append(self, chunks):
+        held[0] -= 1
+        real_append(self, chunks)
+
+    getter.get = counting_get
+    monkeypatch.setattr(BlobWriter, "append", counting_append)
+    settings = _settings(large_threshold=2 << 20, part_size=1 << 20, parts_in_flight=3, ranges_in_flight=4)
+    mirror = Mirror(store, getter, settings)
+    recs: list[MirrorRecord] = []
+    refs = [_ref(i, k, v) for i, (k, v) in enumerate(objects.items())]
+    asyncio.run(asyncio.wait_for(mirror.many(refs, recs.append), timeout=60))
+    assert sorted(r.status.value for r in recs) == ["fetched"] * 5, [r.error for r in recs]
+    assert all(store.verify(r.sha256) for r in recs)
+    assert 1 <= peak[0] <= 4, peak[0]
+    assert held[0] == 0
+
+
+@pytest.mark.parametrize(("policy", "where"), [(SyncPolicy.BEFORE_MANIFEST, "loop"), (SyncPolicy.PER_BLOB, "disk")])
+def test_small_puts_run_on_the_loop_unless_each_is_fsynced(store, monkeypatch, policy, where):
+    import threading
+
+    threads: list[str] = []
+    real = BlobStore.put_body
+    monkeypatch.setattr(BlobStore, "put_body", lambda self, *a, **kw: (threads.append(threading.current_thread().name),
+                                                                      real(self, *a, **kw))[1])
+    getter = FakeGetter({f"k{i}": b"x%d" % i for i in range(4)})
+    getter.whole = True  # as obstore hands small bodies over: in memory
+    recs = _run(Mirror(store, getter, _settings(sync=policy)), getter.objects)
+    assert all(r.status is MirrorStatus.FETCHED for r in recs)
+    on_disk_threads = [t.startswith("tess-disk") for t in threads]
+    assert len(threads) == 4 and all(on_disk_threads) == (where == "disk") and any(on_disk_threads) == (where == "disk"), threads
 
 
 @pytest.mark.parametrize(("policy", "fsyncs"), [(SyncPolicy.PER_BLOB, 5), (SyncPolicy.BEFORE_MANIFEST, 0)])
