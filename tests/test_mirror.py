@@ -323,7 +323,7 @@ def test_summary_rate_is_over_the_mirroring_time_with_decimals_for_small_counts(
 # -- both engines against real servers ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("engine", ["obstore", "urllib3"])
+@pytest.mark.parametrize("engine", ["asyncio", "obstore", "urllib3"])
 def test_each_engine_survives_faults_in_process(s3_server, tmp_path, monkeypatch, engine):
     from cache import load_manifest
     from pipeline.config import ClientOptions
