@@ -32,7 +32,7 @@ from cache.locks import cache_lock
 from cache.manifest import ManifestRecord, write_manifest
 from cache.locks import GC_LOCK
 from pipeline.config import ClientOptions, S3Uri
-from pipeline.engines import list_objects_native
+from pipeline.native_listing import list_objects_native
 from pipeline.listing import Listing
 from pipeline.mirror import MirrorRecord, MirrorSettings, MirrorStatus, SyncPolicy
 from pipeline.mirror_loop import fewer_collections, mirror_stream

@@ -10,7 +10,7 @@ from __future__ import annotations
 import boto3
 import pytest
 
-import pipeline.engines as engines
+import pipeline.native_listing as native_listing
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.s3 import StorageError, list_objects
 
@@ -26,12 +26,12 @@ def fallbacks(monkeypatch) -> list[str]:
         calls.append(str(uri))
         return list_objects(uri, options, **kw)
 
-    monkeypatch.setattr(engines, "list_objects", counting)
+    monkeypatch.setattr(native_listing, "list_objects", counting)
     return calls
 
 
 def _both(uri: str, options: ClientOptions, **kw):
-    native = list(engines.list_objects_native(S3Uri.parse(uri), options, **kw))
+    native = list(native_listing.list_objects_native(S3Uri.parse(uri), options, **kw))
     return native, list(list_objects(S3Uri.parse(uri), options, **kw))
 
 
@@ -96,16 +96,16 @@ def test_zero_byte_objects_and_folder_markers_are_resolved_exactly(s3_server, pu
 
 
 def test_many_ambiguous_keys_fall_back_to_one_boto3_listing(s3_server, put, bucket, options, fallbacks):
-    for i in range(engines._MAX_AMBIGUOUS + 1):
+    for i in range(native_listing.MAX_AMBIGUOUS + 1):
         put(f"n/empty-{i:02d}", b"")
     native, boto = _both(f"s3://{bucket}/n/", options)
-    assert native == boto and len(native) == engines._MAX_AMBIGUOUS + 1
+    assert native == boto and len(native) == native_listing.MAX_AMBIGUOUS + 1
     assert fallbacks == [f"s3://{bucket}/n/"]
 
 
 def test_a_missing_bucket_is_reported_by_boto3s_message(s3_server, options, fallbacks):
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
-        list(engines.list_objects_native(S3Uri.parse("s3://no-such-bucket/p/"), options))
+        list(native_listing.list_objects_native(S3Uri.parse("s3://no-such-bucket/p/"), options))
     assert fallbacks == ["s3://no-such-bucket/p/"]
 
 
