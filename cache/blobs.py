@@ -70,10 +70,6 @@ class BlobWriter:
         """Write and hash ``chunks``, the next bytes of the body (e.g. one ranged GET's body)."""
         self._hasher.update_many(chunks, also=self._f.write)
 
-    @property
-    def written(self) -> int:
-        return self._hasher.size
-
     def commit(self) -> tuple[str, bool]:
         """Check, fsync (unless the store syncs once later) and move the blob into place.
 

@@ -95,6 +95,23 @@ def classify_http(status: int, text: str, *, uri: str, options: ClientOptions) -
     return _classify(_client_error(status, code_m.group(1) if code_m else None, f"HTTP {status}"), uri=uri, options=options)
 
 
+def request_headers(byte_range: tuple[int, int] | None, if_match: str | None) -> dict[str, str]:
+    """The HTTP headers of a GET for ``byte_range`` (end exclusive) of the version ``if_match``."""
+    headers: dict[str, str] = {}
+    if byte_range is not None:
+        headers["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
+    if if_match:
+        headers["If-Match"] = if_match
+    return headers
+
+
+def unreachable(options: ClientOptions, detail: str = "") -> GetFailure:
+    """No connection to the endpoint: retried, and fatal once the retries are spent."""
+    where = redact_url(options.endpoint) if options.endpoint else "AWS S3"
+    return GetFailure(FailureKind.TRANSIENT, f"cannot reach the S3 endpoint {where}; check ENDPOINT / AWS_ENDPOINT_URL "
+                      f"and that the server is up{f' ({detail})' if detail else ''}", exhausted=MirrorStatus.FATAL)
+
+
 def head_object(options: ClientOptions, index: int, bucket: str, key: str) -> Expected:
     """Size, ETag and full-object additional checksum of ``bucket/key`` (HEAD with ``ChecksumMode``)."""
     resp = get_client(options, index).head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
@@ -102,7 +119,9 @@ def head_object(options: ClientOptions, index: int, bucket: str, key: str) -> Ex
 
 
 @dataclass
-class _Bytes:
+class WholeBody:
+    """A body the engine already holds in memory (the mirror writes it in one go)."""
+
     size: int
     etag: str
     data: Any
@@ -128,20 +147,16 @@ class ThreadGetter:
     def _uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
-    def _get_blocking(self, key: str, headers: dict[str, str]) -> _Bytes:
+    def _get_blocking(self, key: str, headers: dict[str, str]) -> WholeBody:
         try:
             body = open_object(self.options, get_client(self.options, self.index), self.index, self.bucket, key, headers)
             # Whole ranges/objects: the mirror's parts are at most part_size bytes.
-            return _Bytes(body.content_length, body.etag, body.read())
+            return WholeBody(body.content_length, body.etag, body.read())
         except Exception as e:
             raise _classify(e, uri=self._uri(key), options=self.options) from None
 
-    async def get(self, key: str, *, byte_range: tuple[int, int] | None = None, if_match: str | None = None) -> _Bytes:
-        headers: dict[str, str] = {}
-        if byte_range is not None:
-            headers["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
-        if if_match:
-            headers["If-Match"] = if_match
+    async def get(self, key: str, *, byte_range: tuple[int, int] | None = None, if_match: str | None = None) -> WholeBody:
+        headers = request_headers(byte_range, if_match)
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._get_blocking, key, headers)
 
     async def head(self, key: str) -> Expected:
@@ -159,11 +174,7 @@ class ThreadGetter:
 
 def _credential_provider() -> Callable[[], dict[str, Any]]:
     """botocore's credential chain as an obstore provider (refreshed credentials reach obstore too)."""
-    import boto3
-
-    creds = boto3.session.Session().get_credentials()
-    if creds is None:
-        raise botocore.exceptions.NoCredentialsError()
+    creds = _credentials()
 
     def provide() -> dict[str, Any]:
         f = creds.get_frozen_credentials()
@@ -182,12 +193,11 @@ def s3_store(options: ClientOptions, bucket: str, *, request_timeout: _dt.timede
     global _obstore_pid
     from obstore.store import S3Store
 
-    region = options.region or _session_region() or "us-east-1"
     kwargs: dict[str, Any] = {}
     if options.endpoint:
         kwargs.update(endpoint=options.endpoint, virtual_hosted_style_request=False)
     store = S3Store(
-        bucket, region=region, credential_provider=_credential_provider(),
+        bucket, region=_region(options), credential_provider=_credential_provider(),
         client_options={"allow_http": True, "connect_timeout": _dt.timedelta(seconds=options.connect_timeout),
                         "timeout": request_timeout, "http1_only": True,
                         "pool_max_idle_per_host": str(max(options.max_connections, 8))},
@@ -248,7 +258,7 @@ class ObstoreGetter:
             start, end = result.range
             size, etag = end - start, meta.get("e_tag") or ""
             if byte_range is None and size < _CHUNK:
-                return _Bytes(size, etag, await result.bytes_async())
+                return WholeBody(size, etag, await result.bytes_async())
             return _ObstoreBody(result, size, etag)
         except Exception as e:
             raise self._failure(e, key) from None
@@ -268,18 +278,26 @@ class ObstoreGetter:
             return classify_http(int(m.group(1) or m.group(2)), text, uri=uri, options=self.options)
         first = text.splitlines()[0][:300] if text else ""
         if "error sending request" in text and "connect" in text.lower():
-            where = redact_url(self.options.endpoint) if self.options.endpoint else "AWS S3"
-            return GetFailure(FailureKind.TRANSIENT, f"cannot reach the S3 endpoint {where}; check ENDPOINT / "
-                              "AWS_ENDPOINT_URL and that the server is up", exhausted=MirrorStatus.FATAL)
+            return unreachable(self.options)
         if isinstance(e, (oe.GenericError, OSError, TimeoutError)) or "error sending request" in text:
             return GetFailure(FailureKind.TRANSIENT, f"{uri}: {type(e).__name__}: {first}")
         return GetFailure(FailureKind.PERMANENT, f"{uri}: {type(e).__name__}: {first}")
 
 
-def _session_region() -> str | None:
+def _credentials() -> Any:
+    """botocore's resolved (refreshable) credentials; never printed or stored."""
     import boto3
 
-    return boto3.session.Session().region_name
+    creds = boto3.session.Session().get_credentials()
+    if creds is None:
+        raise botocore.exceptions.NoCredentialsError()
+    return creds
+
+
+def _region(options: ClientOptions) -> str:
+    import boto3
+
+    return options.region or boto3.session.Session().region_name or "us-east-1"
 
 
 # -- choice ------------------------------------------------------------------------------------------
@@ -316,16 +334,10 @@ def getter_for(options: ClientOptions, bucket: str, index: int = 0) -> Any:
 
 
 def _asyncio_getter(options: ClientOptions, bucket: str, index: int) -> Any:
-    import boto3
-
     from pipeline.httpengine import AsyncioGetter
 
-    creds = boto3.session.Session().get_credentials()
-    if creds is None:
-        raise botocore.exceptions.NoCredentialsError()
     heads = ThreadGetter(options, bucket, index, threads=4)  # HEADs of large objects only: ChecksumMode via botocore
-    return AsyncioGetter(options, bucket, index, credentials=creds, head=heads.head,
-                         region=options.region or _session_region() or "us-east-1")
+    return AsyncioGetter(options, bucket, index, credentials=_credentials(), head=heads.head, region=_region(options))
 
 
 def settings_for(options: ClientOptions, **overrides: Any) -> MirrorSettings:

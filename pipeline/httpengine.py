@@ -1,4 +1,4 @@
-"""The asyncio GET engine: botocore's SigV4 signer and HTTP/1.1 over ``asyncio`` streams, on the mirror's loop.
+"""The asyncio GET engine: SigV4 (:class:`Signer`) and HTTP/1.1 over ``asyncio`` streams, on the mirror's loop.
 
 Measured on s3rver (README "Performance"), one event-loop thread that does its own HTTP spends the
 least CPU per object of every client tried: nothing crosses between threads (obstore's answers cross
@@ -11,7 +11,7 @@ and benchmarks); TLS endpoints and proxies stay with obstore (see :func:`pipelin
 * Bodies by ``Content-Length`` (``Transfer-Encoding: chunked`` too, for error pages); small bodies are
   read whole, larger ones stream in chunks of up to 1 MiB.
 * Keys are sent byte for byte (percent-encoded as botocore does), so no key needs another engine.
-* Failures are classified like the other engines' (:func:`pipeline.engines.classify_http`).
+* Failures are classified like the other engines' (:func:`pipeline.engines.classify_http`, :func:`~pipeline.engines.unreachable`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any
 
 from cache.checks import Expected
 from pipeline.config import ClientOptions
-from pipeline.mirror_types import FailureKind, GetFailure, MirrorStatus
+from pipeline.engines import WholeBody, classify_http, request_headers, unreachable
+from pipeline.mirror_types import GetFailure
 
 _WHOLE = 1 << 20  # bodies up to this are read in one piece
 _CHUNK = 1 << 20
@@ -119,17 +120,6 @@ class _Response:
             self._conn = None
 
 
-class _Bytes:
-    def __init__(self, size: int, etag: str, data: bytes) -> None:
-        self.size = size
-        self.etag = etag
-        self.data = data
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        if self.data:
-            yield self.data
-
-
 class Signer:
     """AWS Signature V4 for unsigned-payload GETs, with the signing key kept for the day.
 
@@ -175,7 +165,7 @@ class Signer:
 
 
 class AsyncioGetter:
-    """GETs for one bucket of a plain-HTTP endpoint, signed by botocore, on the running event loop."""
+    """GETs for one bucket of a plain-HTTP endpoint, signed by :class:`Signer`, on the running event loop."""
 
     def __init__(self, options: ClientOptions, bucket: str, index: int = 0, *, credentials: Any, region: str,
                  head: Any) -> None:
@@ -186,8 +176,6 @@ class AsyncioGetter:
         self._head = head  # HEAD through boto3 (large objects only): ChecksumMode parsing stays botocore's
         url = urllib.parse.urlsplit(options.endpoint)
         self._host, self._port = url.hostname or "127.0.0.1", url.port or 80
-        self._netloc = url.netloc
-        self._base = f"http://{url.netloc}{url.path.rstrip('/')}"
         self._path = f"{url.path.rstrip('/')}/{urllib.parse.quote(bucket, safe='')}/"
         self._signer = Signer(credentials, region, url.netloc)
         self._idle: list[_Connection] = []
@@ -197,17 +185,12 @@ class AsyncioGetter:
         return f"s3://{self.bucket}/{key}"
 
     async def get(self, key: str, *, byte_range: tuple[int, int] | None = None, if_match: str | None = None) -> Any:
-        headers: dict[str, str] = {}
-        if byte_range is not None:
-            headers["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
-        if if_match:
-            headers["If-Match"] = if_match
-        resp = await self._request(key, headers)
+        resp = await self._request(key, request_headers(byte_range, if_match))
         if resp.status not in (200, 206):
             raise await self._failure(resp, key)
         if resp.chunked or resp.size <= _WHOLE:
             data = await resp.read_all()
-            return _Bytes(len(data) if resp.chunked else resp.size, resp.etag, data)
+            return WholeBody(len(data) if resp.chunked else resp.size, resp.etag, data)
         return resp
 
     async def head(self, key: str) -> Expected:
@@ -219,7 +202,7 @@ class AsyncioGetter:
         message = f"GET {path} HTTP/1.1\r\n{head}\r\n".encode("latin-1")
         # A keep-alive connection the server closed meanwhile fails like any other attempt (and is
         # retried, counted, by the mirror): a silent second try would hide resets from the counts.
-        conn = await self._connection(key)
+        conn = await self._connection()
         try:
             conn.writer.write(message)
             status_line = await conn.reader.readline()
@@ -237,7 +220,7 @@ class AsyncioGetter:
             raise
         return _Response(self, conn, int(parts[1]), headers)
 
-    async def _connection(self, key: str) -> _Connection:
+    async def _connection(self) -> _Connection:
         if self._pid != os.getpid():  # never a connection of the parent process
             self._idle, self._pid = [], os.getpid()
         if self._idle:
@@ -246,14 +229,10 @@ class AsyncioGetter:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(self._host, self._port, limit=_CHUNK),
                                                     self.options.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
-            raise GetFailure(FailureKind.TRANSIENT, f"cannot reach the S3 endpoint {self._base}; check ENDPOINT / "
-                             f"AWS_ENDPOINT_URL and that the server is up ({type(e).__name__})",
-                             exhausted=MirrorStatus.FATAL) from None
+            raise unreachable(self.options, type(e).__name__) from None
         return _Connection(reader, writer)
 
     async def _failure(self, resp: _Response, key: str) -> GetFailure:
-        from pipeline.engines import classify_http
-
         try:
             text = (await resp.read_all(limit=_ERROR_BODY)).decode("utf-8", "replace")
         except (ConnectionError, asyncio.IncompleteReadError):
