@@ -182,7 +182,7 @@ def objects_in(target: Path, tool: Tool, result: RunResult) -> int:
 def prefix_bytes(server: BenchServer) -> int:
     """Total size of the objects under the demo prefix (one listing)."""
     from pipeline.config import ClientOptions, S3Uri
-    from pipeline.s3 import list_objects
+    from pipeline.transport.listing import list_objects
 
     os.environ.update({k: v for k, v in server.env().items() if k.startswith("AWS_")})
     return sum(o.size for o in list_objects(S3Uri.parse(server.prefix), ClientOptions(endpoint=server.endpoint)))

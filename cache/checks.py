@@ -1,6 +1,6 @@
 """The checks every downloaded body passes, in one place: length, MD5 ETag, SHA-256, S3 additional checksum.
 
-A body is accepted only when its byte count equals the announced Content-Length, its MD5 equals the ETag
+A body is accepted only when its byte count equals the expected size (the listing's), its MD5 equals the ETag
 when the ETag is a plain MD5 (single-part uploads without SSE-KMS), and its S3 additional checksum
 (``x-amz-checksum-crc32`` / ``-crc32c`` / ``-sha1`` / ``-sha256``, full-object only) matches when the
 server offered one. Its SHA-256 is always computed: it names the blob. ``hashlib`` and ``zlib`` release
@@ -51,6 +51,14 @@ def md5_from_etag(etag: str | None) -> str | None:
         return None
     m = _MD5_ETAG_RE.match(etag.strip())
     return m.group(1).lower() if m else None
+
+
+def same_etag(a: str, b: str) -> bool:
+    """Whether two ETag headers name the same version (quotes and a weak ``W/`` prefix aside)."""
+    def norm(e: str) -> str:
+        return e.strip().removeprefix("W/").strip('"').lower()
+
+    return norm(a) == norm(b)
 
 
 def checksum_from_head(head: dict[str, Any]) -> Checksum | None:
@@ -172,7 +180,7 @@ class BodyHasher:
         """
         e = self.expected
         if e.size is not None and self.size != e.size:
-            raise BodyCheckError(f"{self.label}: got {self.size} bytes, Content-Length said {e.size}")
+            raise BodyCheckError(f"{self.label}: got {self.size} bytes, expected {e.size} (the listed size)")
         if self._md5 is not None and self._md5.hexdigest() != self._md5_expected:
             raise BodyCheckError(f"{self.label}: MD5 {self._md5.hexdigest()} does not match ETag {self._md5_expected}")
         if self._extra is not None and e.checksum is not None:

@@ -21,7 +21,7 @@ from cache.layout import CacheLayout
 from pipeline.config import EMBEDDED_DEMO, ClientOptions, S3Uri, resolve_endpoint
 from pipeline.hints import fetch_hint, verify_hint
 from pipeline.mirror import MirrorSettings as FetchDefaults, SyncPolicy
-from pipeline.s3 import StorageError
+from pipeline.transport.errors import StorageError
 
 log = logging.getLogger("tess")
 
@@ -35,13 +35,24 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS)")
     g.add_argument("--max-connections", type=int, default=d.max_connections, help=f"requests in flight per client (default {d.max_connections})")
     g.add_argument("--retry-mode", default=d.retry_mode, choices=("standard", "adaptive"),
-                   help="botocore retry mode: standard, or adaptive (client-side rate limiting; default standard)")
+                   help="botocore retry mode of upload's boto3 calls: standard, or adaptive (client-side rate limiting; "
+                        "default standard); fetch retries on its own (--max-attempts)")
     g.add_argument("--max-attempts", type=int, default=d.max_attempts, help=f"attempts per request and per object (default {d.max_attempts})")
     g.add_argument("--connect-timeout", type=float, default=d.connect_timeout, help=f"seconds (default {d.connect_timeout})")
-    g.add_argument("--read-timeout", type=float, default=d.read_timeout, help=f"seconds (default {d.read_timeout})")
+    g.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                   help=f"longest silence while an answer is awaited or read, in seconds; each such window must also "
+                        f"bring 1 KiB/s (default {d.read_timeout})")
+    g.add_argument("--ca-bundle", default=None, metavar="PEM",
+                   help="CA certificates to trust for an https endpoint (default $AWS_CA_BUNDLE, then ca_bundle of the "
+                        "AWS profile, then botocore's bundle)")
+    g.add_argument("--no-verify-ssl", action="store_true",
+                   help="do not verify the endpoint's TLS certificate (the AWS CLI's flag; prints a warning)")
 
 
 def client_options(args: argparse.Namespace, *, endpoint: str | None = None) -> ClientOptions:
+    if args.no_verify_ssl:
+        print("tess: warning: TLS certificate verification is off (--no-verify-ssl): anyone between you and the "
+              "endpoint can read and change what is fetched", file=sys.stderr)
     return ClientOptions(
         endpoint=endpoint if endpoint is not None else resolve_endpoint(args.endpoint),
         max_connections=args.max_connections,
@@ -49,6 +60,8 @@ def client_options(args: argparse.Namespace, *, endpoint: str | None = None) -> 
         max_attempts=args.max_attempts,
         connect_timeout=args.connect_timeout,
         read_timeout=args.read_timeout,
+        ca_bundle=args.ca_bundle,
+        verify_ssl=not args.no_verify_ssl,
     )
 
 
@@ -161,6 +174,8 @@ def _run_fetch(args: argparse.Namespace, prefix: str, options: ClientOptions, la
     print(result.summary.line())
     for err in result.summary.errors[:10]:
         print(f"  {err}", file=sys.stderr)
+    if len(result.summary.errors) > 10:
+        print(f"  ... and {len(result.summary.errors) - 10} more objects not fetched", file=sys.stderr)
     print(f"manifest: {result.manifest}")
     ev = result.summary.evicted
     if ev is not None and (ev.blobs_removed or ev.manifests_removed or ev.packs_removed):

@@ -78,18 +78,23 @@ class ClientOptions:
     Attributes:
         endpoint: custom endpoint URL (MinIO, Ceph RGW, DSS); None means AWS. Path-style addressing
             is used for custom endpoints.
-        max_connections: requests in flight per client (the fetch stage's event loop) and its HTTP pool.
-        retry_mode: botocore retry mode, ``standard`` or ``adaptive`` (client-side rate limiting).
+        max_connections: objects in flight per client on the event loop (and boto3's pool for uploads).
+        retry_mode: botocore retry mode of the boto3 calls that remain (upload, bucket creation):
+            ``standard`` or ``adaptive`` (client-side rate limiting). The transport retries on its own.
         max_attempts: attempts per request, first try included (botocore) and per object body.
         connect_timeout: seconds to open a connection.
         read_timeout: seconds without bytes before a read fails.
-        region: signing region; None lets boto3 decide (us-east-1 for custom endpoints).
+        region: signing region; None lets botocore decide (us-east-1 for custom endpoints).
+        ca_bundle: PEM file of the CAs to trust for https endpoints (``--ca-bundle``); None: ``AWS_CA_BUNDLE``,
+            then ``ca_bundle`` of the AWS config profile, then botocore's default bundle
+            (:mod:`pipeline.transport.tls`).
+        verify_ssl: False skips TLS certificate verification (``--no-verify-ssl``; the CLI warns).
     """
 
     endpoint: str | None = None
     # Objects in flight per client on the mirror's event loop (README "Performance"): 128 keeps a store
     # 20 ms away busy (128 / 0.02 s = 6,400 requests/s in flight) at no cost in threads; the blocking
-    # paths (streaming DSSDataset, the urllib3 engine) cap their threads at 16-32.
+    # paths (uploads through boto3) cap their threads at 16-32.
     max_connections: int = 128
     retry_mode: str = "standard"
     max_attempts: int = 4
@@ -97,6 +102,8 @@ class ClientOptions:
     # Bounds the silence between bytes, not the length of a download.
     read_timeout: float = 10.0
     region: str | None = None
+    ca_bundle: str | None = None
+    verify_ssl: bool = True
 
     def __post_init__(self) -> None:
         if self.endpoint is not None:

@@ -1,6 +1,7 @@
 """The datasets: ``DSSDataset`` (S3, the research loader's interface) and ``CachedImageDataset`` (disk).
 
-``DSSDataset(load2memory=True)`` streams: every ``__getitem__`` GETs one object and decodes it in memory.
+``DSSDataset(load2memory=True)`` streams: every ``__getitem__`` GETs one object and decodes it in memory
+(a batch's GETs run concurrently on the process's event loop, with the mirror's checks, nothing stored).
 ``DSSDataset(load2memory=False)`` mirrors: every item lands in the content-addressed cache and the item
 is its :class:`~pipeline.mirror.MirrorRecord`; the fetch stage drives it with a DataLoader for ``-w N``.
 ``CachedImageDataset`` (:mod:`pipeline.cached_dataset`, re-exported here) trains from a manifest and the
@@ -11,61 +12,32 @@ Images are decoded with Pillow (see :func:`pipeline.images.decode_rgb`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import botocore.exceptions
 import torch
-import urllib3.exceptions
 from torch.utils.data import Dataset, get_worker_info
 
-from cache.blobs import BlobStore, BlobWriteError
-from cache.checks import BodyHasher, Expected
+from cache.blobs import BlobStore
 from cache.index import KeyIndex
 from cache.layout import CacheLayout
 from pipeline.config import ClientOptions, S3Uri
-from pipeline.engines import make_mirror, settings_for
-from pipeline.listing import Listing
-from pipeline.mirror import Mirror, MirrorRecord, MirrorStatus, SyncPolicy
-from pipeline.mirror_loop import mirror_all
 from pipeline.images import DefaultTransform as _DefaultTransform
 from pipeline.images import UndecodableImage, decode_rgb, to_float  # noqa: F401 - re-exported: the research code used them
-from pipeline.objectget import RetryableHTTPError, open_object
-from pipeline.s3 import PerProcess, StorageError, describe_error, get_client, list_objects, retry_call
+from pipeline.listing import Listing
+from pipeline.mirror import GetFailure, Mirror, MirrorRecord, MirrorStatus, SyncPolicy
+from pipeline.mirror_loop import mirror_all
+from pipeline.mirrors import make_mirror, settings_for
+from pipeline.transport import loop
+from pipeline.transport.errors import StorageError
+from pipeline.transport.listing import list_objects
 
 log = logging.getLogger(__name__)
 Transform = Callable[[torch.Tensor], torch.Tensor]
-
-# Errors after which a fresh GET of the whole object may succeed.
-_TRANSIENT = (
-    BlobWriteError,
-    RetryableHTTPError,
-    botocore.exceptions.IncompleteReadError,
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ConnectionError,
-    urllib3.exceptions.HTTPError,
-    ConnectionError,
-    TimeoutError,
-)
-
-
-# Threads of the streaming path (load2memory=True) per client: ``max_connections`` sizes the mirror's
-# event loop (128 by default), far more than blocking threads should be.
-_STREAM_THREADS = 16
-
-
-_pools: PerProcess[ThreadPoolExecutor] = PerProcess()
-
-
-def _thread_pool(size: int) -> ThreadPoolExecutor:
-    """The streaming thread pool of ``size`` threads in this process (one pool per size; pools, like
-    clients, must not cross a fork)."""
-    return _pools.get(("get", size), lambda: ThreadPoolExecutor(max_workers=size, thread_name_prefix="tess-get"))
 
 
 class DSSDataset(Dataset):
@@ -132,35 +104,23 @@ class DSSDataset(Dataset):
         state.update(_store=None, _index=None, _store_pid=-1)
         return state
 
-    def _client_index(self, slot: int) -> int:
-        info = get_worker_info()
-        if info is not None:
-            return info.id % self.client_num
-        # In the main process the thread slot spreads requests over all clients.
-        return slot % self.client_num
-
     def _uri(self, i: int) -> str:
         return self.uri.key_uri(self.listing.keys[i])
 
-    def _get_bytes(self, i: int, client_index: int) -> bytes:
-        client = get_client(self.options, client_index)
-        key = self.listing.keys[i]
+    def _read(self, indices: Sequence[int]) -> list[bytes]:
+        """The bytes of objects ``indices``, fetched concurrently on this process's event loop through
+        the mirror's checks (listed size and ETag, MD5); spread over the clients in the main process,
+        client ``i % c`` in worker ``i``."""
+        mirrors = self._mirrors()
 
-        def once() -> bytes:
-            body = open_object(self.options, client, client_index, self.uri.bucket, key)
-            data = body.read()
-            # Length and MD5 ETag (cache.checks) catch bytes cut short or damaged on the way, which would
-            # otherwise fail to decode or, worse, decode into wrong pixels without a word.
-            hasher = BodyHasher(Expected(size=body.content_length if body.content_length >= 0 else None, etag=body.etag),
-                                label=self._uri(i))
-            hasher.update(data)
-            hasher.verify()
-            return data
+        async def read_all() -> list[bytes]:
+            return await asyncio.gather(*(mirrors[j % len(mirrors)].read(self.listing.object_ref(i))
+                                          for j, i in enumerate(indices)))
 
         try:
-            return retry_call(once, attempts=self.options.max_attempts, is_permanent=lambda e: not isinstance(e, _TRANSIENT))
-        except _TRANSIENT + (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            raise StorageError(describe_error(e, uri=self._uri(i), options=self.options) or f"GET {self._uri(i)} failed: {e}") from None
+            return loop.run(read_all())
+        except GetFailure as e:
+            raise StorageError(e.message) from None
 
     def _decode(self, i: int, data: bytes) -> tuple[torch.Tensor, int]:
         try:
@@ -171,19 +131,13 @@ class DSSDataset(Dataset):
         return self.transforms(image), int(self.listing.label[i])
 
     def __getitem__(self, i: int) -> Any:
-        if self.load2memory:
-            return self._decode(i, self._get_bytes(i, self._client_index(0)))
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-        """Fetch a batch concurrently: streaming through a thread pool, mirroring through the event loop."""
+        """A batch, its objects fetched concurrently on the event loop: decoded, or mirrored into the cache."""
         if not self.load2memory:
             return self._mirror_batch(indices)
-        if len(indices) <= 1:
-            return [self[i] for i in indices]
-        pool = _thread_pool(min(_STREAM_THREADS, self.options.max_connections) * (self.client_num if get_worker_info() is None else 1))
-        datas = list(pool.map(lambda a: self._get_bytes(a[1], self._client_index(a[0])), enumerate(indices)))
-        return [self._decode(i, d) for d, i in zip(datas, indices)]
+        return [self._decode(i, d) for d, i in zip(self._read(indices), indices)]
 
     # -- mirroring (pipeline.mirror) -----------------------------------------------------------------
 

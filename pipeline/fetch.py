@@ -1,7 +1,7 @@
 """The fetch stage: list a prefix, skip what the cache already holds, mirror the rest, pin a manifest.
 
-Mirroring goes through :mod:`pipeline.mirror` (one event loop, ``--max-connections`` objects in flight,
-GETs by :mod:`pipeline.engines`). With ``workers=0`` (the default) that happens in this process and
+Listing and GETs go through :mod:`pipeline.transport`; mirroring through :mod:`pipeline.mirror` (one
+event loop, ``--max-connections`` objects in flight). With ``workers=0`` (the default) that happens in this process and
 torch is never imported; with ``workers=N`` a torch ``DataLoader`` over ``DSSDataset(load2memory=False)``
 runs N processes, worker ``i`` using client ``i % clients``. Fetched objects are recorded in the key
 index as they finish; the manifest is written once every object is accounted for (after one syncfs
@@ -25,19 +25,18 @@ from tqdm import tqdm
 
 from cache.atomic import remove_stale_temp_files
 from cache.blobs import BlobStore, hash_file, sync_filesystem
-from cache.index import KeyIndex
 from cache.gc import EvictionReport, enforce_cap
+from cache.index import KeyIndex
 from cache.layout import CacheLayout
-from cache.locks import cache_lock
+from cache.locks import GC_LOCK, cache_lock
 from cache.manifest import ManifestRecord, write_manifest
-from cache.locks import GC_LOCK
+from cache.shard import ShardSpec, shard_mask
 from pipeline.config import ClientOptions, S3Uri
-from pipeline.native_listing import list_objects_native
 from pipeline.listing import Listing
 from pipeline.mirror import MirrorRecord, MirrorSettings, MirrorStatus, SyncPolicy
 from pipeline.mirror_loop import fewer_collections, mirror_stream
-from pipeline.s3 import StorageError, list_objects
-from cache.shard import ShardSpec, shard_mask
+from pipeline.transport.errors import StorageError
+from pipeline.transport.listing import list_objects
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +201,7 @@ def fetch(config: FetchConfig) -> FetchResult:
     # List before touching the disk: a bad bucket, an empty prefix or an unreachable endpoint leaves no
     # cache skeleton behind.
     list_stats: dict[str, int] = {}
-    # The native listing starts obstore's runtime here, after which DataLoader workers must be spawned
-    # (slower to start), so with workers the listing stays boto3's.
-    lister = list_objects_native if config.workers == 0 else list_objects
-    listing = Listing.from_objects(lister(uri, config.options, limit=config.limit, stats=list_stats), prefix=uri.prefix)
+    listing = Listing.from_objects(list_objects(uri, config.options, limit=config.limit, stats=list_stats), prefix=uri.prefix)
     if len(listing) == 0:
         raise StorageError(f"no objects under {uri}; check PREFIX (keys are case-sensitive and the prefix is literal)")
     layout.create()
@@ -290,6 +286,7 @@ def _mirror(config: FetchConfig, uri: S3Uri, listing: Listing, todo: np.ndarray,
     sub = listing.subset(todo)
     bar = _bar(int(sub.size.sum()), config.progress)
     done = 0
+    denied_only = True  # every object so far was refused (403): see _check_all_denied
     try:
         with fewer_collections():
             for rec in (_records_here if config.workers == 0 else _records_in_workers)(config, uri, sub, layout, endpoint):
@@ -303,9 +300,10 @@ def _mirror(config: FetchConfig, uri: S3Uri, listing: Listing, todo: np.ndarray,
                     summary.bytes_fetched += rec.size
                 else:
                     summary.missing += rec.status is MirrorStatus.MISSING
-                    summary.failed += rec.status is MirrorStatus.FAILED
+                    summary.failed += rec.status is not MirrorStatus.MISSING
                     summary.errors.append(rec.error or "")
-                    log.warning("%s", rec.error)
+                    log.debug("%s", rec.error)
+                denied_only = _check_all_denied(rec, done, denied_only, len(todo))
                 records[i] = rec
                 done += 1
                 bar.update(int(listing.size[i]))
@@ -315,13 +313,26 @@ def _mirror(config: FetchConfig, uri: S3Uri, listing: Listing, todo: np.ndarray,
         bar.close()
 
 
+# The first objects whose outcome decides whether a denial is of everything (exit 2 at once) or of some.
+DENIAL_PROBE = 32
+
+
+def _check_all_denied(rec: MirrorRecord, done: int, denied_only: bool, total: int) -> bool:
+    """Stop at once when the first objects were all refused: not a policy on some keys, but credentials
+    without ``s3:GetObject`` on the prefix (every other object would be refused too)."""
+    denied_only = denied_only and rec.status is MirrorStatus.DENIED
+    if denied_only and done + 1 >= min(DENIAL_PROBE, total):
+        raise StorageError(f"{rec.error} (the first {done + 1} objects were all refused)")
+    return denied_only
+
+
 # Fetched objects are written to the key index in groups of this many (and at the end).
 _INDEX_EVERY = 256
 
 
 def _records_here(config: FetchConfig, uri: S3Uri, sub: Listing, layout: CacheLayout, endpoint: str) -> Iterator[MirrorRecord]:
     """Mirror in this process on the event loop; no torch."""
-    from pipeline.engines import make_mirror, settings_for
+    from pipeline.mirrors import make_mirror, settings_for
 
     store = BlobStore(layout)
     settings = settings_for(config.options, sync=config.sync)
@@ -353,7 +364,6 @@ def _records_in_workers(config: FetchConfig, uri: S3Uri, sub: Listing, layout: C
     from torch.utils.data import DataLoader
 
     from pipeline.datasets import DSSDataset
-    from pipeline.engines import obstore_started_here
 
     dataset = DSSDataset(str(uri), options=config.options, client_num=config.clients, load2memory=False,
                          cache_dir=layout, listing=sub, endpoint_label=endpoint, sync=config.sync)
@@ -365,8 +375,6 @@ def _records_in_workers(config: FetchConfig, uri: S3Uri, sub: Listing, layout: C
         collate_fn=_keep_list,
         # Enough batches queued per worker that its event loop never waits on the main process.
         prefetch_factor=4,
-        # obstore's runtime does not survive a fork: once it ran here, workers are spawned.
-        multiprocessing_context="spawn" if obstore_started_here() else None,
     )
     for batch in loader:
         yield from batch

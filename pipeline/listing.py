@@ -15,7 +15,7 @@ import numpy as np
 
 from cache.manifest import StringArray
 from pipeline.mirror import ObjectRef
-from pipeline.s3 import ObjectInfo
+from pipeline.transport.listing import ObjectInfo
 
 _LABEL_RE = re.compile(r"_(\d{1,9})\.[A-Za-z0-9]+$")
 

@@ -1,19 +1,25 @@
 """Bring one object into the cache: the one place where a GET becomes a checked, content-addressed blob.
 
-``fetch``, ``verify --repair`` and ``DSSDataset(load2memory=False)`` all go through :class:`Mirror`. It
-takes a *getter* (the GET engine, :mod:`pipeline.engines`; unit tests pass a fake one) and a
+``fetch``, ``verify --repair`` and ``DSSDataset`` (both modes) go through :class:`Mirror`. It takes a
+*getter* (:class:`pipeline.transport.client.BucketClient`; unit tests pass a fake one) and a
 :class:`~cache.blobs.BlobStore`, runs many objects concurrently on an asyncio event loop, and returns
 one typed :class:`MirrorRecord` per object. The body checks live in :mod:`cache.checks`.
 
-* Small objects (below ``MirrorSettings.large_threshold``): one GET, hashed as it arrives.
-* Large objects: a HEAD (size, ETag, S3 additional checksum), then concurrent ranged GETs into memory
-  (``If-Match`` the ETag, so every part comes from one version), written to the temp file and hashed
-  in order by a disk thread: memory stays at a window of parts per object, and nothing is read back.
+Every body is checked against what the listing pinned, never against its own answer's headers alone:
+the listed size, the listed ETag (an answer with another ETag means the object changed: a HEAD says
+whether it did, and the object then fails as CHANGED), the MD5 where that ETag is a plain MD5, the
+server's full-object checksum where it offers one; SHA-256 names the blob.
 
-Retries: transient failures (5xx/429, resets, stalls past ``read_timeout``, bodies cut short or failing
-a check) are retried with full-jitter backoff up to ``max_attempts`` per object (per part for large
-objects) within a time budget; 403/404 and other permanent answers never are. This module imports
-neither boto3 nor torch.
+* Small objects (below ``MirrorSettings.large_threshold``): one GET, hashed as it arrives.
+* Large objects: a HEAD (size, ETag, S3 additional checksum, which must match the listing), then
+  concurrent ranged GETs into memory (``If-Match`` the ETag, so every part comes from one version),
+  written to the temp file and hashed in order by a disk thread: memory stays at a window of parts per
+  object, and nothing is read back.
+
+Retries: transient failures (5xx/429, resets, stalls, malformed answers, bodies cut short or failing a
+check) are retried with full-jitter backoff up to ``max_attempts`` per object (per part for large
+objects) within a time budget; 403/404, changed objects and other permanent answers never are. The
+getter bounds every answer's time and size. This module imports neither boto3 nor torch.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -29,20 +34,32 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cache.blobs import BlobStore
-from cache.checks import BodyCheckError, Checksum, Expected
+from cache.checks import BodyCheckError, BodyHasher, Checksum, Expected, same_etag
 from pipeline.mirror_types import (  # re-exported: the mirror's public names
     Body, FailureKind, GetFailure, Getter, MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef, SyncPolicy,
 )
+from pipeline.transport.retry import backoff
 
 log = logging.getLogger(__name__)
 
 
+# Failures of ours (a body that fails its checks) or of a getter that is no transport (tests' fakes).
 _TRANSIENT_LOCAL = (BodyCheckError, asyncio.TimeoutError, TimeoutError, ConnectionError)
 
 
 class _Attempts:
     def __init__(self) -> None:
-        self.n = 0
+        self.n = 0  # attempts, the first included (bounded by max_attempts)
+        self.reconnects = 0  # requests sent again after a stale connection: retries, but no failed attempts
+
+    @property
+    def sent(self) -> int:
+        return self.n + self.reconnects
+
+
+_STATUS_OF_KIND = {FailureKind.MISSING: MirrorStatus.MISSING, FailureKind.FATAL: MirrorStatus.FATAL,
+                   FailureKind.DENIED: MirrorStatus.DENIED, FailureKind.CHANGED: MirrorStatus.CHANGED,
+                   FailureKind.PERMANENT: MirrorStatus.FAILED}
 
 
 class Mirror:
@@ -72,21 +89,40 @@ class Mirror:
                     label=ref.label, client=self.client, worker=self.worker)
         try:
             if ref.size >= self.settings.large_threshold:
-                sha, new, etag, size = await self._large(ref, tries)
+                sha, new = await self._large(ref, tries)
             else:
-                sha, new, etag, size = await self._retrying(lambda: self._small(ref), tries)
+                sha, new = await self._retrying(lambda: self._small(ref, tries), tries)
         except GetFailure as e:
-            status = {FailureKind.MISSING: MirrorStatus.MISSING, FailureKind.FATAL: MirrorStatus.FATAL,
-                      FailureKind.PERMANENT: MirrorStatus.FAILED}.get(e.kind, e.exhausted)
-            error = f"{self.uri(ref.key)}: deleted since the listing (404)" if status is MirrorStatus.MISSING else e.message
-            return MirrorRecord(**base, status=status, attempts=tries.n, error=error)
+            status = _STATUS_OF_KIND.get(e.kind) or (MirrorStatus.FATAL if e.fatal_when_exhausted else MirrorStatus.FAILED)
+            return MirrorRecord(**base, status=status, attempts=tries.sent, error=e.message)
         except _TRANSIENT_LOCAL as e:
-            return MirrorRecord(**base, status=MirrorStatus.FAILED, attempts=tries.n, error=_one_line(self.uri(ref.key), e))
+            return MirrorRecord(**base, status=MirrorStatus.FAILED, attempts=tries.sent, error=_one_line(self.uri(ref.key), e))
         except OSError as e:
             # Local disk problems (ENOSPC, EACCES) are fatal: every further object would fail too.
-            return MirrorRecord(**base, status=MirrorStatus.FATAL, attempts=tries.n,
+            return MirrorRecord(**base, status=MirrorStatus.FATAL, attempts=tries.sent,
                                 error=f"writing the cache at {self._cache_root} failed: {e.strerror or e}; free space or pass --cache-dir")
-        return MirrorRecord(**{**base, "etag": etag, "size": size}, status=MirrorStatus.FETCHED, attempts=tries.n, sha256=sha, new=new)
+        return MirrorRecord(**base, status=MirrorStatus.FETCHED, attempts=tries.sent, sha256=sha, new=new)
+
+    async def read(self, ref: ObjectRef) -> bytes:
+        """The bytes of ``ref``, checked against it as a mirrored body is, retried; nothing is stored.
+
+        Raises:
+            GetFailure: the object failed (its message names the key and the cause).
+        """
+        tries = _Attempts()
+
+        async def attempt() -> bytes:
+            body = await self._get(ref, tries)
+            data = bytes(body.data) if body.data is not None else b"".join([bytes(c) async for c in body.chunks()])
+            hasher = BodyHasher(self._expected(ref, body), label=self.uri(ref.key))
+            hasher.update(data)
+            hasher.verify()
+            return data
+
+        try:
+            return await self._retrying(attempt, tries)
+        except _TRANSIENT_LOCAL as e:
+            raise GetFailure(FailureKind.PERMANENT, _one_line(self.uri(ref.key), e)) from None
 
     async def _retrying(self, attempt: Callable[[], Any], tries: _Attempts) -> Any:
         s = self.settings
@@ -96,51 +132,67 @@ class Mirror:
             try:
                 return await attempt()
             except GetFailure as e:
+                tries.reconnects += e.reconnects
                 if e.kind is not FailureKind.TRANSIENT or not self._may_retry(tries.n, deadline):
                     raise
-                log.debug("retrying %s: %s", self.uri(""), e.message)
+                log.debug("retrying: %s", e.message)
             except _TRANSIENT_LOCAL as e:
                 if not self._may_retry(tries.n, deadline):
                     raise
                 log.debug("retrying after %s: %s", type(e).__name__, e)
-            await asyncio.sleep(random.uniform(0, min(s.backoff_cap_s, s.backoff_base_s * 2**tries.n)))
+            await asyncio.sleep(backoff(tries.n, base_s=s.backoff_base_s, cap_s=s.backoff_cap_s))
 
     def _may_retry(self, n: int, deadline: float) -> bool:
         return n < self.settings.max_attempts and time.monotonic() < deadline
 
-    async def _small(self, ref: ObjectRef) -> tuple[str, bool, str, int]:
-        t = self.settings.read_timeout
+    async def _get(self, ref: ObjectRef, tries: _Attempts, byte_range: tuple[int, int] | None = None,
+                   if_match: str | None = None) -> Body:
+        """A GET of ``ref`` (or of ``byte_range``) whose ETag, if the answer has one, is the listed one."""
+        body = await self.getter.get(ref.key, byte_range=byte_range, if_match=if_match, size=ref.size)
+        tries.reconnects += getattr(body, "reconnects", 0)
+        if body.etag and ref.etag and not same_etag(body.etag, ref.etag):
+            body.close()
+            await self._changed(ref, body.etag)
+        return body
+
+    async def _changed(self, ref: ObjectRef, answered: str) -> None:
+        """A GET answered another ETag than the listing's: HEAD says whether the object really changed."""
+        now: Expected = await self.getter.head(ref.key)
+        if same_etag(now.etag or "", ref.etag) and now.size == ref.size:
+            raise BodyCheckError(f"{self.uri(ref.key)}: the GET answered ETag {answered}, but the object's is {ref.etag}")
+        raise GetFailure(FailureKind.CHANGED, f"{self.uri(ref.key)}: changed on the server since the listing (ETag "
+                         f"{ref.etag} -> {now.etag}, {ref.size} -> {now.size} bytes); fetch again for a new manifest")
+
+    @staticmethod
+    def _expected(ref: ObjectRef, body: Body) -> Expected:
+        """What the body must match: the listing's size and ETag (the answer's ETag when none was listed)."""
+        return Expected(size=ref.size, etag=ref.etag or body.etag)
+
+    async def _small(self, ref: ObjectRef, tries: _Attempts) -> tuple[str, bool]:
         fsync = self.settings.sync is SyncPolicy.PER_BLOB
         loop = asyncio.get_running_loop()
         label = self.uri(ref.key)
-        # One timer per object, pushed back after every piece of the body: ``read_timeout`` bounds
-        # the silence, not the length of a download.
-        async with asyncio.timeout(t) as timer:
-            body = await self.getter.get(ref.key)
-            expected = Expected(size=body.size, etag=body.etag)
-            data = getattr(body, "data", None)
-            if data is not None:
-                # The whole body is in memory: checked, written and renamed in one go, on the loop
-                # itself. A file costs ~25 us of kernel time on a local disk, less than a round trip
-                # through a disk thread: two wake-ups and GIL hand-offs, which contend with obstore's
-                # threads (measured on 5,000 objects: 1.5-2 CPU-s less). An fsync per blob (ms) still
-                # goes to the disk threads. On a network filesystem, where a create is a round trip,
-                # this caps the rate at one create at a time: pass --sync per-blob there.
-                if not fsync:
-                    sha, new = self._put_body(data, expected, label, fsync)
-                else:
-                    sha, new = await loop.run_in_executor(self._disk(), self._put_body, data, expected, label, fsync)
-                return sha, new, body.etag, body.size
-            writer = self.store.writer(expected=expected, label=label, fsync=fsync)
-            try:
-                async for chunk in body.chunks():
-                    writer.write(chunk)
-                    timer.reschedule(loop.time() + t)
-            except BaseException:
-                writer.abort()
-                raise
-        sha, new = await loop.run_in_executor(self._disk(), writer.commit)
-        return sha, new, body.etag, body.size
+        body = await self._get(ref, tries)
+        expected = self._expected(ref, body)
+        if body.data is not None:
+            # The whole body is in memory: checked, written and renamed in one go, on the loop
+            # itself. A file costs ~25 us of kernel time on a local disk, less than a round trip
+            # through a disk thread: two wake-ups and GIL hand-offs (measured on 5,000 objects:
+            # 1.5-2 CPU-s less). An fsync per blob (ms) still goes to the disk threads. On a network
+            # filesystem, where a create is a round trip, this caps the rate at one create at a time:
+            # pass --sync per-blob there.
+            if not fsync:
+                return self._put_body(body.data, expected, label, fsync)
+            return await loop.run_in_executor(self._disk(), self._put_body, body.data, expected, label, fsync)
+        writer = self.store.writer(expected=expected, label=label, fsync=fsync)
+        try:
+            async for chunk in body.chunks():
+                writer.write(chunk)
+        except BaseException:
+            body.close()
+            writer.abort()
+            raise
+        return await loop.run_in_executor(self._disk(), writer.commit)
 
     def _disk(self) -> ThreadPoolExecutor:
         """This process's disk threads (file creation, fsync, hashing of ranged bodies)."""
@@ -152,15 +204,18 @@ class Mirror:
     def _put_body(self, data: Any, expected: Expected, label: str, fsync: bool) -> tuple[str, bool]:
         return self.store.put_body(data, expected=expected, label=label, fsync=fsync)
 
-    async def _large(self, ref: ObjectRef, tries: _Attempts) -> tuple[str, bool, str, int]:
-        async def whole() -> tuple[str, bool, str, int]:
-            async with asyncio.timeout(self.settings.read_timeout):
-                head: Expected = await self.getter.head(ref.key)
+    async def _large(self, ref: ObjectRef, tries: _Attempts) -> tuple[str, bool]:
+        async def whole() -> tuple[str, bool]:
+            head: Expected = await self.getter.head(ref.key)
+            if not same_etag(head.etag or "", ref.etag) or head.size != ref.size:
+                raise GetFailure(FailureKind.CHANGED, f"{self.uri(ref.key)}: changed on the server since the listing "
+                                 f"(ETag {ref.etag} -> {head.etag}, {ref.size} -> {head.size} bytes); fetch again for "
+                                 "a new manifest")
             return await self._ranged(ref, head, tries)
 
         return await self._retrying(whole, tries)
 
-    async def _ranged(self, ref: ObjectRef, head: Expected, tries: _Attempts) -> tuple[str, bool, str, int]:
+    async def _ranged(self, ref: ObjectRef, head: Expected, tries: _Attempts) -> tuple[str, bool]:
         """Concurrent ranged GETs into memory, written and hashed in order by a disk thread.
 
         A part holds one of the mirror's ``ranges_in_flight`` slots from its launch until it is written,
@@ -168,12 +223,13 @@ class Mirror:
         from memory (nothing is read back). At most ``parts_in_flight`` parts of one object are ahead.
         """
         s = self.settings
-        size, etag = int(head.size or 0), head.etag or ""
+        size = ref.size
         loop = asyncio.get_running_loop()
         # Large blobs are fsynced at commit under either policy: in a disk thread, so the device writes
         # one while others still download, instead of all of them in the syncfs before the manifest
         # (measured on 4 x 512 MB: 8.3 s against 9.4 s).
-        writer = self.store.writer(expected=head, label=self.uri(ref.key), fsync=True)
+        expected = Expected(size=ref.size, etag=ref.etag, checksum=head.checksum)
+        writer = self.store.writer(expected=expected, label=self.uri(ref.key), fsync=True)
         starts = list(range(0, size, s.part_size))
         if self._ranges is None:
             self._ranges = asyncio.Semaphore(s.ranges_in_flight)
@@ -187,7 +243,7 @@ class Mirror:
                     return  # an object holding slots never waits for more (two such could wait on each other)
                 await slots.acquire()
                 end = min(starts[launched] + s.part_size, size)
-                parts[launched] = asyncio.ensure_future(self._part(ref, etag, starts[launched], end, tries))
+                parts[launched] = asyncio.ensure_future(self._part(ref, starts[launched], end, tries))
                 launched += 1
 
         try:
@@ -197,7 +253,7 @@ class Mirror:
                 await loop.run_in_executor(self._disk(), writer.append, chunks)
                 del parts[i], chunks
                 slots.release()
-            sha, new = await loop.run_in_executor(self._disk(), writer.commit)
+            return await loop.run_in_executor(self._disk(), writer.commit)
         except BaseException:
             for t in parts.values():
                 t.cancel()
@@ -206,24 +262,24 @@ class Mirror:
                 slots.release()
             writer.abort()
             raise
-        return sha, new, etag, size
 
-    async def _part(self, ref: ObjectRef, etag: str, start: int, end: int, tries: _Attempts) -> list[Any]:
-        """The bytes ``start:end`` of ``ref`` (``If-Match`` its ETag, so every part is of one version)."""
-        s = self.settings
-        loop = asyncio.get_running_loop()
+    async def _part(self, ref: ObjectRef, start: int, end: int, tries: _Attempts) -> list[Any]:
+        """The bytes ``start:end`` of ``ref`` (``If-Match`` its listed ETag, so every part is of one version)."""
 
         async def fetch_part() -> list[Any]:
             chunks: list[Any] = []
             pos = start
-            async with asyncio.timeout(s.read_timeout) as timer:
-                body = await self.getter.get(ref.key, byte_range=(start, end), if_match=etag or None)
-                async for chunk in body.chunks():
-                    pos += len(chunk)
-                    if pos > end:
-                        raise BodyCheckError(f"{self.uri(ref.key)}: range {start}-{end} answered with more bytes")
-                    chunks.append(chunk)
-                    timer.reschedule(loop.time() + s.read_timeout)
+            body = await self._get(ref, part_tries, byte_range=(start, end), if_match=ref.etag or None)
+            if body.data is not None:
+                chunks, pos = [body.data], start + len(body.data)
+            else:
+                try:
+                    async for chunk in body.chunks():
+                        pos += len(chunk)
+                        chunks.append(chunk)
+                except BaseException:
+                    body.close()
+                    raise
             if pos != end:
                 raise BodyCheckError(f"{self.uri(ref.key)}: range {start}-{end} got {pos - start} bytes")
             return chunks
@@ -233,6 +289,7 @@ class Mirror:
             return await self._retrying(fetch_part, part_tries)
         finally:
             tries.n += max(0, part_tries.n - 1)
+            tries.reconnects += part_tries.reconnects
 
     # -- many objects ------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The mirror's event loop: one asyncio loop per process in a daemon thread, and the calls that run on it.
+"""Mirroring on the process's event loop (:mod:`pipeline.transport.loop`) from a calling thread.
 
 :func:`mirror_stream` hands records to the calling thread in completion order (in groups, so the caller
 wakes up at most about a hundred times a second, not once per object); :func:`mirror_all` returns them
@@ -10,37 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from pipeline.mirror import Mirror, MirrorRecord, MirrorStatus, ObjectRef
-
-# -- the event loop of this process ------------------------------------------------------------------
-
-
-class _LoopThread:
-    """One asyncio loop in a daemon thread per process (made on first use, never crossing a fork)."""
-
-    _lock = threading.Lock()
-    _current: tuple[int, _LoopThread] | None = None
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="tess-mirror-loop", daemon=True)
-        self.thread.start()
-
-    @classmethod
-    def get(cls) -> _LoopThread:
-        cur = cls._current
-        if cur is None or cur[0] != os.getpid():
-            with cls._lock:
-                cur = cls._current
-                if cur is None or cur[0] != os.getpid():
-                    cls._current = cur = (os.getpid(), _LoopThread())
-        return cur[1]
-
+from pipeline.transport.loop import LoopThread
 
 _DRAIN_S = 120.0
 
@@ -104,7 +79,7 @@ def mirror_stream(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef], *, pick:
             out.put(e)
 
     abort = threading.Event()
-    fut = asyncio.run_coroutine_threadsafe(main(), _LoopThread.get().loop)
+    fut = asyncio.run_coroutine_threadsafe(main(), LoopThread.get().loop)
     try:
         while True:
             item = out.get()

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cache.checks import Expected
+from pipeline.transport import retry
+from pipeline.transport.errors import FailureKind, GetFailure  # re-exported: what a getter raises
 
 
 class MirrorStatus(enum.Enum):
@@ -20,50 +22,36 @@ class MirrorStatus(enum.Enum):
     FETCHED = "fetched"  # downloaded and checked; its blob is in the cache
     CACHED = "cached"  # the cache already held it (decided by the caller, e.g. the key index)
     MISSING = "missing"  # gone since the listing (404)
+    DENIED = "denied"  # 403 for this object only (e.g. a bucket policy); others may still succeed
+    CHANGED = "changed"  # its ETag or size differs from the listing's: a new fetch pins the new version
     FAILED = "failed"  # this object failed after its retries; others may still succeed
     FATAL = "fatal"  # a problem every object would hit (credentials, bucket, endpoint, local disk)
 
 
-class FailureKind(enum.Enum):
-    TRANSIENT = "transient"  # a later attempt may succeed
-    MISSING = "missing"  # 404 NoSuchKey: never retried
-    FATAL = "fatal"  # never retried; stops the whole fetch
-    PERMANENT = "permanent"  # never retried; only this object fails
-
-
-class GetFailure(Exception):
-    """A getter's failure, classified.
-
-    Attributes:
-        kind: how the mirror treats it.
-        message: one line for the user (no credentials).
-        exhausted: the status when a TRANSIENT failure outlives its retries (FATAL for an endpoint that
-            never answers, FAILED otherwise).
-    """
-
-    def __init__(self, kind: FailureKind, message: str, *, exhausted: MirrorStatus = MirrorStatus.FAILED) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.exhausted = exhausted
-
-
 class Body(Protocol):
-    """An open GET response."""
+    """An open GET answer."""
 
-    size: int  # Content-Length of this response
-    etag: str
-    data: bytes | None  # the whole body when the engine already holds it in memory, else None
+    size: int  # Content-Length of this answer (the limit asked for when it announced none)
+    etag: str  # the answer's ETag header ("" when it sent none)
+    data: bytes | None  # the whole body when the getter already read it, else None
+    reconnects: int  # 1 when the request was sent again after a stale kept-alive connection
 
     def chunks(self) -> AsyncIterator[bytes | memoryview]: ...
 
+    def close(self) -> None: ...
+
 
 class Getter(Protocol):
-    """A GET engine for one bucket (see :mod:`pipeline.engines`)."""
+    """A GET engine for one bucket (:class:`pipeline.transport.client.BucketClient`; tests pass fakes).
+
+    ``size`` is the most bytes the body may have (the listed size, or the range's length): a getter
+    never reads past it. Its failures are :class:`GetFailure`.
+    """
 
     bucket: str
 
-    async def get(self, key: str, *, byte_range: tuple[int, int] | None = None, if_match: str | None = None) -> Body: ...
+    async def get(self, key: str, *, byte_range: tuple[int, int] | None = None, if_match: str | None = None,
+                  size: int | None = None) -> Body: ...
 
     async def head(self, key: str) -> Expected: ...
 
@@ -123,7 +111,6 @@ class MirrorSettings:
     Attributes:
         concurrency: objects in flight per process (``--max-connections``).
         max_attempts: attempts per object (per part for ranged GETs), first try included.
-        read_timeout: seconds without an answer or a byte before an attempt fails.
         budget_s: no retry starts after this many seconds on one object.
         large_threshold: objects of at least this many bytes are fetched with ranged GETs.
         part_size: bytes per ranged GET.
@@ -136,10 +123,9 @@ class MirrorSettings:
 
     concurrency: int = 128
     max_attempts: int = 4
-    read_timeout: float = 10.0
-    budget_s: float = 60.0
-    backoff_base_s: float = 0.2
-    backoff_cap_s: float = 5.0
+    budget_s: float = retry.BUDGET_S
+    backoff_base_s: float = retry.BASE_S
+    backoff_cap_s: float = retry.CAP_S
     large_threshold: int = 16 << 20
     part_size: int = 8 << 20
     parts_in_flight: int = 8

@@ -20,7 +20,7 @@ from cache.layout import CacheLayout
 from cache.manifest import load_manifest
 from cache.verify import Problem
 from pipeline.config import EMBEDDED_DEMO, ClientOptions, manifest_endpoint
-from pipeline.engines import make_mirror
+from pipeline.mirrors import make_mirror
 from pipeline.hints import fetch_hint
 from pipeline.mirror import MirrorStatus, ObjectRef
 from pipeline.mirror_loop import mirror_all
@@ -72,7 +72,7 @@ def repair(layout: CacheLayout, problems: list[Problem], *, options: ClientOptio
             if rec.status is MirrorStatus.FETCHED and rec.sha256 == prob.sha256:
                 report.repaired += 1
                 done.add(prob.sha256)
-            elif rec.status is MirrorStatus.FETCHED:
+            elif rec.status in (MirrorStatus.FETCHED, MirrorStatus.CHANGED):
                 fix = fetch_hint(str(h.uri), endpoint=endpoint or h.endpoint, cache_dir=layout, shard=h.shard and str(h.shard))
                 report.failed.append(f"{uri} changed on the server since {path.name} was written; run {fix} for a new manifest")
             else:

@@ -117,3 +117,21 @@ def s3rver_env(s3rver_server, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     return s3rver_server.endpoint
+
+
+@pytest.fixture(scope="session")
+def rgw_server():
+    """Ceph RGW (Pacific) on 127.0.0.1 over HTTP and TLS for the whole session (``tests/rgw.py``).
+
+    Installs Debian's Ceph packages with apt-get when they are missing; skipped, with the reason, only
+    where apt-get cannot install them (or we are not root). A cluster that does not start is an error
+    whose message ends with the daemons' last log lines. Every daemon is stopped and the folder removed.
+    """
+    from tests.rgw import RgwCluster, RgwUnavailable, ensure_installed
+
+    try:
+        ensure_installed()
+    except RgwUnavailable as e:
+        pytest.skip(f"Ceph RGW unavailable: {e}")
+    with RgwCluster() as cluster:
+        yield cluster

@@ -79,3 +79,13 @@ def kill_when_blobs(cmd: list[str], cache_dir: Path, threshold: int, *, timeout:
     for child in children + orphans(proc.pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
+
+
+def multipart_upload(s3c, bucket: str, key: str, parts: list[bytes]) -> None:
+    """Upload ``parts`` as one multipart object (its ETag is ``"<md5 of the part MD5s>-N"``)."""
+    up = s3c.create_multipart_upload(Bucket=bucket, Key=key)
+    done = []
+    for n, part in enumerate(parts, 1):
+        r = s3c.upload_part(Bucket=bucket, Key=key, UploadId=up["UploadId"], PartNumber=n, Body=part)
+        done.append({"PartNumber": n, "ETag": r["ETag"]})
+    s3c.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": done})

@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 import urllib.parse
@@ -69,8 +70,11 @@ def _npm_reason(output: str) -> str:
 class S3rverServer:
     """s3rver on 127.0.0.1 at a free port, storing its buckets in a temporary folder."""
 
-    def __init__(self, *, modules: Path | None = None, directory: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, *, modules: Path | None = None, directory: str | os.PathLike[str] | None = None,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key, CA) PEM files: serve HTTPS with that certificate."""
         self._modules = modules or install()
+        self._tls = tls
         self._own_dir = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="tess-s3rver-"))
         self._proc: subprocess.Popen[str] | None = None
@@ -78,6 +82,8 @@ class S3rverServer:
 
     def start(self) -> S3rverServer:
         env = {**os.environ, "NODE_PATH": str(self._modules), "NODE_OPTIONS": "--openssl-legacy-provider"}
+        if self._tls is not None:
+            env.update(TESS_TLS_CERT=str(self._tls[0]), TESS_TLS_KEY=str(self._tls[1]))
         # stdin is a pipe we never close until stop(): the server exits when it closes, so a killed
         # test run never leaves a server behind.
         self._proc = subprocess.Popen(["node", str(MAIN_JS), str(self.directory)], stdin=subprocess.PIPE,
@@ -92,19 +98,22 @@ class S3rverServer:
     @property
     def counts(self) -> collections.Counter[str]:
         """Requests served so far, by kind (``GET`` of an object, ``LIST``, ``PUT``, ...)."""
-        with urllib.request.urlopen(self.endpoint + "/_tess/stats", timeout=10) as r:
+        with urllib.request.urlopen(self.endpoint + "/_tess/stats", timeout=10, context=self._context()) as r:
             return collections.Counter(json.load(r))
+
+    def _context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=str(self._tls[2])) if self._tls is not None else None
 
     def reset_counts(self) -> None:
         req = urllib.request.Request(self.endpoint + "/_tess/stats", method="DELETE")
-        urllib.request.urlopen(req, timeout=10).close()
+        urllib.request.urlopen(req, timeout=10, context=self._context()).close()
 
     def delete_after_next_list(self, bucket: str, key: str) -> None:
         """Arm a one-shot fault: the next listing of ``bucket`` still names ``key`` but deletes it just
         before the answer is sent, so a client lists ``key`` and then finds it gone."""
         query = urllib.parse.urlencode({"bucket": bucket, "key": key})
         req = urllib.request.Request(f"{self.endpoint}/_tess/delete-after-list?{query}", method="POST")
-        urllib.request.urlopen(req, timeout=10).close()
+        urllib.request.urlopen(req, timeout=10, context=self._context()).close()
 
     def stop(self) -> None:
         if self._proc is not None:

@@ -4,9 +4,12 @@
 // DELETE /_tess/stats resets them. POST /_tess/delete-after-list?bucket=B&key=K arms a one-shot fault:
 // the next listing of bucket B deletes key K from the store just before its answer is sent, so the
 // client lists K and then finds it gone (a key deleted between LIST and GET, with no race).
+// With TESS_TLS_CERT and TESS_TLS_KEY (PEM files) it serves HTTPS instead (the TLS tests and bench set).
 // Exits when stdin closes, so a killed parent never leaves it behind.
 'use strict';
+const fs = require('fs');
 const http = require('http');
+const https = require('https');
 const S3rver = require('s3rver');
 
 const [directory, port = '0'] = process.argv.slice(2);
@@ -31,7 +34,11 @@ function kind(method, url) {
 }
 
 const handle = app.callback();
-const server = http.createServer((req, res) => {
+const tls = process.env.TESS_TLS_CERT && process.env.TESS_TLS_KEY
+  ? { cert: fs.readFileSync(process.env.TESS_TLS_CERT), key: fs.readFileSync(process.env.TESS_TLS_KEY) }
+  : null;
+const serve = (handler) => (tls ? https.createServer(tls, handler) : http.createServer(handler));
+const server = serve((req, res) => {
   if (req.url === '/_tess/stats') {
     if (req.method === 'DELETE') for (const k of Object.keys(counts)) delete counts[k];
     const body = JSON.stringify(counts);
@@ -66,7 +73,7 @@ const server = http.createServer((req, res) => {
 });
 server.keepAliveTimeout = 60000;
 server.listen(Number(port), '127.0.0.1', () => {
-  process.stdout.write(`TESS_S3_ENDPOINT=http://127.0.0.1:${server.address().port}\n`);
+  process.stdout.write(`TESS_S3_ENDPOINT=${tls ? 'https' : 'http'}://127.0.0.1:${server.address().port}\n`);
 });
 process.stdin.on('end', () => process.exit(0));
 process.stdin.on('close', () => process.exit(0));

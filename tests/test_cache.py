@@ -33,7 +33,7 @@ def test_blob_path_comes_from_content_hash(tmp_path):
     ("etag", "expected_size", "data", "fragment"),
     [
         ('"00000000000000000000000000000000"', 3, b"abc", "does not match ETag"),
-        (None, 4, b"abc", "got 3 bytes, Content-Length said 4"),
+        (None, 4, b"abc", "got 3 bytes, expected 4 (the listed size)"),
     ],
 )
 def test_blob_checks_size_and_md5(tmp_path, etag, expected_size, data, fragment):

@@ -2,7 +2,7 @@
 
 The proxy answers 500 and 503 SlowDown, resets connections, stalls past the read timeout and cuts
 bodies short on a seeded schedule. The fetch must still complete with every blob equal to the server's
-bytes and count every retry; permanent errors (403, 404) must not be retried; ``retry_call`` must back
+bytes and count every retry; permanent errors (403, 404) must not be retried; the mirror must back
 off with full jitter and give up within its time budget.
 """
 
@@ -21,7 +21,10 @@ from cache.blobs import hash_file
 from pipeline.config import ClientOptions
 from pipeline.datasets import DSSDataset, decode_rgb
 from pipeline.fetch import EXIT_INCOMPLETE, FetchConfig, fetch
-from pipeline.s3 import StorageError, retry_call
+from cache.blobs import BlobStore
+from pipeline.mirror import FailureKind, GetFailure, Mirror, MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef
+from pipeline.mirror_loop import mirror_all
+from pipeline.transport.client import WholeBody
 from pipeline.server import seed_objects
 from tests.conftest import png_bytes
 from tests.faultproxy import SCHEDULED_KINDS, FaultProxy
@@ -67,6 +70,11 @@ def test_fetch_of_2000_objects_survives_faults_and_counts_retries(s3_server, tmp
     assert get_faults <= gets - n <= s.retries, (get_faults, gets, s.retries)
     assert s.retries <= gets - n + n // 100, "retries counted that never reached the server"
     assert load_manifest(result.manifest).header.extra["fetch"]["retries"] == s.retries
+    # Object by object, the requests the proxy saw are the attempts the record counts (a request sent
+    # again on a fresh connection after a stale kept-alive one included).
+    miscounted = [(r.key, proxy.requests_for(bucket, r.key), r.attempts) for r in result.records
+                  if proxy.requests_for(bucket, r.key) != r.attempts]
+    assert miscounted == [], miscounted[:5]
 
     m = load_manifest(result.manifest)
     layout = CacheLayout(root=cache_dir)
@@ -105,19 +113,14 @@ def test_permanent_errors_are_not_retried(s3_server, tmp_path, kind):
                     always={f"/{bucket}/{victim}": kind}) as proxy:
         config = FetchConfig(prefix=f"s3://{bucket}/p/", options=_options(proxy), cache_dir=cache_dir,
                              workers=2, batch=4, progress=False)
-        if kind == "403":
-            with pytest.raises(StorageError) as info:
-                fetch(config)
-            message = str(info.value)
-            assert "\n" not in message
-            assert f"s3://{bucket}/{victim}: access denied (AccessDenied)" in message
-            assert not list((cache_dir / "manifests").glob("*.jsonl")), "an aborted fetch wrote a manifest"
-        else:
-            result = fetch(config)
-            assert result.exit_code == EXIT_INCOMPLETE
-            assert result.summary.missing == 1 and result.summary.fetched == len(objects) - 1
-            assert victim in result.summary.errors[0]
-            assert victim not in list(load_manifest(result.manifest).keys)
+        result = fetch(config)
+        # A denial of one object (a bucket policy) fails that object, not the fetch.
+        assert result.exit_code == EXIT_INCOMPLETE
+        assert result.summary.fetched == len(objects) - 1
+        assert (result.summary.missing, result.summary.failed) == ((1, 0) if kind == "404" else (0, 1))
+        assert len(result.summary.errors) == 1 and victim in result.summary.errors[0]
+        assert ("deleted since the listing" if kind == "404" else "access denied (AccessDenied)") in result.summary.errors[0]
+        assert victim not in list(load_manifest(result.manifest).keys)
         assert proxy.requests_for(bucket, victim) == 1
         assert proxy.faults[kind] == 1
 
@@ -143,68 +146,75 @@ def test_a_stall_ends_when_the_proxy_stops(s3_server):
     assert answer == b"", answer  # and the client got no response at all
 
 
-# -- retry_call ---------------------------------------------------------------------------------------
+# -- the mirror's retries ------------------------------------------------------------------------------
 
 
-class Transient(Exception):
-    pass
+class _Failing:
+    """A getter whose GETs fail as told (TRANSIENT by default), noting when each came."""
+
+    bucket = "b"
+
+    def __init__(self, outcomes: list[object] | None = None, kind: FailureKind = FailureKind.TRANSIENT) -> None:
+        self.calls: list[float] = []
+        self.outcomes = outcomes
+        self.kind = kind
+
+    async def get(self, key, **kw):
+        self.calls.append(time.monotonic())
+        if self.outcomes:
+            out = self.outcomes.pop(0)
+            if out == "ok":
+                return WholeBody(3, "", b"abc")
+        raise GetFailure(self.kind, f"attempt {len(self.calls)}")
+
+    async def head(self, key):
+        raise AssertionError("no HEAD for a small object")
 
 
-def _failing(calls: list[float]):
-    def fn() -> None:
-        calls.append(time.monotonic())
-        raise Transient(f"attempt {len(calls)}")
-
-    return fn
+def _mirror_one(getter: _Failing, tmp_path, **settings) -> MirrorRecord:
+    mirror = Mirror(BlobStore(CacheLayout(root=tmp_path / "c")), getter, MirrorSettings(**settings))
+    return mirror_all([mirror], [ObjectRef(index=0, key="k", size=3)])[0]
 
 
-def test_retry_call_backs_off_with_full_jitter():
+def test_retries_back_off_with_full_jitter(tmp_path):
     base, cap, attempts = 0.01, 0.08, 6
     state = random.getstate()
     try:
         random.seed(1234)
-        calls: list[float] = []
-        with pytest.raises(Transient, match="attempt 6"):
-            retry_call(_failing(calls), attempts=attempts, is_permanent=lambda e: False, base=base, cap=cap, budget_s=30)
+        getter = _Failing()
+        rec = _mirror_one(getter, tmp_path, max_attempts=attempts, backoff_base_s=base, backoff_cap_s=cap, budget_s=30)
     finally:
         random.setstate(state)
-    # The same draws retry_call made: uniform(0, min(cap, base * 2**attempt)) before each retry.
+    assert rec.status is MirrorStatus.FAILED and rec.error == "attempt 6" and rec.attempts == attempts
+    # The same draws the mirror made: uniform(0, min(cap, base * 2**attempt)) before each retry.
     replay = random.Random(1234)
     drawn = [replay.uniform(0, min(cap, base * 2**a)) for a in range(1, attempts)]
-    gaps = [b - a for a, b in zip(calls, calls[1:])]
-    assert len(calls) == attempts
+    gaps = [b - a for a, b in zip(getter.calls, getter.calls[1:])]
+    assert len(getter.calls) == attempts
     assert all(g >= d - 0.002 for g, d in zip(gaps, drawn)), (gaps, drawn)  # slept at least the draw
     assert all(g <= d + 0.5 for g, d in zip(gaps, drawn)), (gaps, drawn)
     assert len({round(d, 6) for d in drawn}) == len(drawn)  # jittered, not a fixed ladder
     assert max(drawn) <= cap
 
 
-def test_retry_call_gives_up_within_its_budget():
-    calls: list[float] = []
+def test_retries_give_up_within_the_budget(tmp_path):
+    getter = _Failing()
     t0 = time.monotonic()
-    with pytest.raises(Transient):
-        retry_call(_failing(calls), attempts=1000, is_permanent=lambda e: False, base=0.05, cap=0.2, budget_s=0.6)
+    rec = _mirror_one(getter, tmp_path, max_attempts=1000, backoff_base_s=0.05, backoff_cap_s=0.2, budget_s=0.6)
     elapsed = time.monotonic() - t0
+    assert rec.status is MirrorStatus.FAILED
     assert elapsed <= 0.6 + 0.25, elapsed
-    assert 2 <= len(calls) < 1000
+    assert 2 <= len(getter.calls) < 1000
 
 
-def test_retry_call_does_not_retry_permanent_errors():
-    calls: list[float] = []
-    with pytest.raises(Transient):
-        retry_call(_failing(calls), attempts=8, is_permanent=lambda e: isinstance(e, Transient), budget_s=30)
-    assert len(calls) == 1
+@pytest.mark.parametrize("kind", [FailureKind.PERMANENT, FailureKind.DENIED, FailureKind.MISSING, FailureKind.CHANGED])
+def test_permanent_failures_are_not_retried(tmp_path, kind):
+    getter = _Failing(kind=kind)
+    rec = _mirror_one(getter, tmp_path, max_attempts=8, budget_s=30)
+    assert len(getter.calls) == 1 and rec.attempts == 1 and not rec.ok
 
 
-def test_retry_call_returns_after_transient_failures():
-    outcomes = iter([Transient("a"), Transient("b"), "ok"])
-    retried: list[BaseException] = []
-
-    def fn() -> str:
-        x = next(outcomes)
-        if isinstance(x, Exception):
-            raise x
-        return x
-
-    assert retry_call(fn, attempts=3, is_permanent=lambda e: False, base=0.001, on_retry=retried.append) == "ok"
-    assert [str(e) for e in retried] == ["a", "b"]
+def test_an_object_is_fetched_after_transient_failures(tmp_path):
+    getter = _Failing(outcomes=["fail", "fail", "ok"])
+    rec = _mirror_one(getter, tmp_path, max_attempts=3, backoff_base_s=0.001)
+    assert rec.status is MirrorStatus.FETCHED and rec.attempts == 3 and rec.retries == 2

@@ -17,7 +17,7 @@ from pipeline.datasets import DSSDataset
 from pipeline.mirror import MirrorStatus
 from pipeline.fetch import FetchConfig, _keep_list, fetch
 from pipeline.listing import assign_labels, label_from_name
-from pipeline.s3 import list_objects
+from pipeline.transport.listing import list_objects
 from pipeline.server import seed_objects
 from pipeline.config import S3Uri
 from tests.conftest import png_bytes

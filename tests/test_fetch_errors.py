@@ -97,13 +97,13 @@ def test_bad_flag_values(cache_dir):
 def test_object_deleted_between_list_and_get(monkeypatch, s3_client, bucket, put, options, cache_dir):
     for i in range(6):
         put(f"del/k{i}_0.png", png_bytes(i))
-    real = fetch_mod.list_objects_native  # the listing of a -w 0 fetch
+    real = fetch_mod.list_objects
 
     def list_then_delete(*a, **kw):
         yield from real(*a, **kw)
         s3_client.delete_object(Bucket=bucket, Key="del/k3_0.png")
 
-    monkeypatch.setattr(fetch_mod, "list_objects_native", list_then_delete)
+    monkeypatch.setattr(fetch_mod, "list_objects", list_then_delete)
     r = fetch(FetchConfig(prefix=f"s3://{bucket}/del/", options=options, cache_dir=cache_dir, workers=0, progress=False))
     assert r.exit_code == EXIT_INCOMPLETE and r.summary.missing == 1 and r.summary.fetched == 5
     assert "del/k3_0.png" in r.summary.errors[0] and "deleted since the listing" in r.summary.errors[0]

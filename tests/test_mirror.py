@@ -38,10 +38,15 @@ class _Body:
     etag: str
     parts: list[bytes]
     data: bytes | None = None
+    reconnects: int = 0
+    closed: bool = False
 
     async def chunks(self):
         for p in self.parts:
             yield p
+
+    def close(self):
+        self.closed = True
 
 
 class FakeGetter:
@@ -56,8 +61,10 @@ class FakeGetter:
         self.gets: list[tuple[str, tuple[int, int] | None]] = []
         self.heads = 0
         self.whole = False
+        self.new_etag = '"0000000000000000000000000000beef"'  # what "other-etag" answers
+        self.head_etag: str | None = None  # what HEAD answers (default: the object's MD5)
 
-    async def get(self, key, *, byte_range=None, if_match=None):
+    async def get(self, key, *, byte_range=None, if_match=None, size=None):
         self.gets.append((key, byte_range))
         fault = self.faults.get(key, []).pop(0) if self.faults.get(key) else None
         if fault == "503":
@@ -66,26 +73,33 @@ class FakeGetter:
             raise GetFailure(FailureKind.MISSING, f"s3://{BUCKET}/{key}: 404")
         if fault == "403":
             raise GetFailure(FailureKind.FATAL, f"s3://{BUCKET}/{key}: access denied (AccessDenied)")
-        if fault == "stall":
-            await asyncio.Event().wait()
+        if fault == "stall":  # as the transport reports a stall past --read-timeout
+            raise GetFailure(FailureKind.TRANSIENT, f"s3://{BUCKET}/{key}: no byte for 10 s (--read-timeout)")
         data = self.objects[key]
         start, end = byte_range or (0, len(data))
         body = data[start:end]
         size = len(body)
         if fault == "truncate":
             body = body[: size // 2]
-        if fault == "corrupt":
+        if fault in ("corrupt", "corrupt-noetag"):
             body = bytes([body[0] ^ 1]) + body[1:]
+        etag = _md5_etag(data)
+        if fault in ("corrupt-noetag", "truncate-noetag"):
+            etag = ""  # an answer that says nothing to check against: only the listing can catch it
+        if fault == "truncate-noetag":
+            body, size = body[: len(body) // 2], len(body) // 2
+        if fault == "other-etag":
+            etag = self.new_etag
         # Sent in 3 pieces, as a network would.
-        if self.whole:  # as the native engine hands small bodies over
-            return _Body(size, _md5_etag(data), [], data=body)
+        if self.whole:  # as the transport hands small bodies over
+            return _Body(size, etag, [], data=body)
         cut = [0, len(body) // 3, 2 * len(body) // 3, len(body)]
-        return _Body(size, _md5_etag(data), [body[a:b] for a, b in zip(cut, cut[1:])])
+        return _Body(size, etag, [body[a:b] for a, b in zip(cut, cut[1:])])
 
     async def head(self, key):
         self.heads += 1
         data = self.objects[key]
-        return Expected(size=len(data), etag=_md5_etag(data), checksum=self.checksums.get(key))
+        return Expected(size=len(data), etag=self.head_etag or _md5_etag(data), checksum=self.checksums.get(key))
 
 
 def _settings(**kw) -> MirrorSettings:
@@ -129,10 +143,53 @@ def test_transient_faults_are_retried_and_counted(store, fault, whole):
     getter = FakeGetter({"a": data})
     getter.whole = whole
     getter.faults["a"] = [fault, fault]
-    (rec,) = _run(Mirror(store, getter, _settings(read_timeout=0.2)), {"a": data})
+    (rec,) = _run(Mirror(store, getter, _settings()), {"a": data})
     assert rec.status is MirrorStatus.FETCHED, rec.error
     assert rec.attempts == 3 == len(getter.gets) and rec.retries == 2
     assert store.verify(rec.sha256) and _no_temp_files(store)
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["streamed", "in-memory"])
+@pytest.mark.parametrize("fault", ["corrupt-noetag", "truncate-noetag"])
+def test_a_body_is_checked_against_the_listing_not_its_own_answer(store, fault, whole):
+    """One changed byte, or half a body announced as all of it, with no ETag on the GET: the listed size
+    and MD5 catch both; nothing is stored."""
+    data = random.Random(5).randbytes(3000)
+    getter = FakeGetter({"a": data})
+    getter.whole = whole
+    getter.faults["a"] = [fault] * 4
+    (rec,) = _run(Mirror(store, getter, _settings()), {"a": data})
+    assert rec.status is MirrorStatus.FAILED and len(getter.gets) == 4
+    assert ("MD5" if fault == "corrupt-noetag" else "expected 3000 (the listed size)") in rec.error, rec.error
+    assert not [p for p in store.layout.objects.rglob("*") if p.is_file()] and _no_temp_files(store)
+
+
+def test_an_answer_with_another_etag_is_a_changed_object_when_head_agrees(store):
+    data = b"v1" * 100
+    getter = FakeGetter({"a": data})
+    getter.faults["a"] = ["other-etag"] * 4
+    getter.head_etag = getter.new_etag  # the server says it changed
+    (rec,) = _run(Mirror(store, getter, _settings()), {"a": data})
+    assert rec.status is MirrorStatus.CHANGED and len(getter.gets) == 1 and getter.heads == 1
+    assert "changed on the server since the listing" in rec.error and getter.new_etag in rec.error
+    assert _no_temp_files(store)
+
+
+def test_an_answer_with_another_etag_than_head_and_the_listing_is_retried(store):
+    data = b"v1" * 100
+    getter = FakeGetter({"a": data})
+    getter.faults["a"] = ["other-etag"]  # one odd answer; HEAD still gives the listed ETag
+    (rec,) = _run(Mirror(store, getter, _settings()), {"a": data})
+    assert rec.status is MirrorStatus.FETCHED and rec.attempts == 2 and getter.heads == 1
+    assert store.path(rec.sha256).read_bytes() == data
+
+
+def test_a_large_object_that_changed_before_its_head_fails_as_changed(store):
+    data = random.Random(3).randbytes(3 << 20)
+    getter = FakeGetter({"big": data})
+    getter.head_etag = getter.new_etag
+    (rec,) = _run(Mirror(store, getter, _settings(large_threshold=1 << 20, part_size=1 << 20)), {"big": data})
+    assert rec.status is MirrorStatus.CHANGED and getter.gets == [] and _no_temp_files(store)
 
 
 def test_a_body_that_stays_corrupt_fails_with_its_md5_and_leaves_nothing(store):
@@ -235,7 +292,7 @@ def test_small_puts_run_on_the_loop_unless_each_is_fsynced(store, monkeypatch, p
     monkeypatch.setattr(BlobStore, "put_body", lambda self, *a, **kw: (threads.append(threading.current_thread().name),
                                                                       real(self, *a, **kw))[1])
     getter = FakeGetter({f"k{i}": b"x%d" % i for i in range(4)})
-    getter.whole = True  # as obstore hands small bodies over: in memory
+    getter.whole = True  # as the transport hands small bodies over: in memory
     recs = _run(Mirror(store, getter, _settings(sync=policy)), getter.objects)
     assert all(r.status is MirrorStatus.FETCHED for r in recs)
     on_disk_threads = [t.startswith("tess-disk") for t in threads]
@@ -251,14 +308,6 @@ def test_sync_policy_decides_per_blob_fsync(store, monkeypatch, policy, fsyncs):
     recs = _run(Mirror(store, FakeGetter(objects), _settings(sync=policy)), objects)
     assert all(r.status is MirrorStatus.FETCHED for r in recs)
     assert len(calls) == fsyncs
-
-
-def test_thread_pool_size_is_honoured_per_size():
-    from pipeline.datasets import _thread_pool
-
-    assert _thread_pool(2)._max_workers == 2
-    assert _thread_pool(5)._max_workers == 5
-    assert _thread_pool(2) is _thread_pool(2)
 
 
 # -- the fetch stage around the mirror (end to end) ----------------------------------------------------
@@ -320,19 +369,17 @@ def test_summary_rate_is_over_the_mirroring_time_with_decimals_for_small_counts(
     assert " 1000 objects/s" in FetchSummary(fetched=500, wall_s=4.0, mirror_s=0.5).line()
 
 
-# -- both engines against real servers ------------------------------------------------------------------
+# -- the transport against real servers ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("engine", ["asyncio", "obstore", "urllib3"])
-def test_each_engine_survives_faults_in_process(s3_server, tmp_path, monkeypatch, engine):
+def test_the_transport_survives_faults_in_process(s3_server, tmp_path):
     from cache import load_manifest
     from pipeline.config import ClientOptions
     from pipeline.fetch import FetchConfig, fetch
     from pipeline.server import seed_objects
     from tests.faultproxy import FaultProxy
 
-    monkeypatch.setenv("TESS_ENGINE", engine)
-    bucket = f"engine-faults-{engine}"
+    bucket = "transport-faults"
     rng = random.Random(42)
     objects = {f"e/obj-{i:04d}_{i % 3}.bin": rng.randbytes(rng.randrange(1, 3000)) for i in range(300)}
     seed_objects(bucket, objects.items())
@@ -379,28 +426,30 @@ def test_a_servers_additional_checksum_is_verified_end_to_end(s3_server, s3_clie
     the ranged fetch checks the body against it, and fails when the announced value is not the body's."""
     import dataclasses
 
-    import pipeline.engines as engines
     from pipeline.config import ClientOptions
     from pipeline.fetch import FetchConfig, fetch
+    from pipeline.transport.client import S3Client
 
     data = random.Random(7).randbytes((16 << 20) + 5)  # at the 16 MB threshold: ranged GETs after a HEAD
     s3_client.put_object(Bucket=bucket, Key="ck/big_0.bin", Body=data, ChecksumAlgorithm=algorithm)
     heads: list[Expected] = []
-    real_head = engines.head_object
+    real_head = S3Client.head
 
-    def recording_head(*a, **kw):
-        heads.append(real_head(*a, **kw))
+    async def recording_head(*a, **kw):
+        heads.append(await real_head(*a, **kw))
         return heads[-1]
 
-    monkeypatch.setattr(engines, "head_object", recording_head)
+    monkeypatch.setattr(S3Client, "head", recording_head)
     options = ClientOptions(endpoint=s3_server.endpoint, max_attempts=2)
     ok = fetch(FetchConfig(prefix=f"s3://{bucket}/ck/", options=options, cache_dir=tmp_path / "ok", progress=False))
     assert ok.exit_code == 0 and ok.summary.fetched == 1, ok.summary.errors
     assert heads and heads[0].checksum is not None and heads[0].checksum.algorithm.value == algorithm
 
     wrong = base64.b64encode(b"\0" * len(base64.b64decode(heads[0].checksum.value_b64))).decode()
-    monkeypatch.setattr(engines, "head_object", lambda *a, **kw: dataclasses.replace(
-        real_head(*a, **kw), checksum=Checksum(ChecksumAlgorithm(algorithm), wrong)))
+    async def wrong_head(*a, **kw):
+        return dataclasses.replace(await real_head(*a, **kw), checksum=Checksum(ChecksumAlgorithm(algorithm), wrong))
+
+    monkeypatch.setattr(S3Client, "head", wrong_head)
     bad = fetch(FetchConfig(prefix=f"s3://{bucket}/ck/", options=options, cache_dir=tmp_path / "bad", progress=False))
     assert bad.summary.failed == 1 and f"{algorithm} " in bad.summary.errors[0], bad.summary.errors
     assert "does not match the server's checksum" in bad.summary.errors[0]
