@@ -106,11 +106,13 @@ def _hasher(alg: ChecksumAlgorithm) -> Any:
 
 @dataclass(frozen=True, kw_only=True)
 class Expected:
-    """What a body must match: ``size`` (Content-Length), ``etag`` and an optional ``checksum``."""
+    """What a body must match: ``size``, ``etag`` and an optional ``checksum`` (``last_modified``: the
+    version's time as a HEAD gave it, ISO 8601, when known)."""
 
     size: int | None = None
     etag: str | None = None
     checksum: Checksum | None = None
+    last_modified: str | None = None
 
 
 _helper_pool: ThreadPoolExecutor | None = None

@@ -7,6 +7,7 @@ Every failure the user can fix ends in one line on stderr (``tess: error: ...``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from cache.blobs import BlobWriteError
 from cache.layout import CacheLayout
+from pipeline import stopping
 from pipeline.config import EMBEDDED_DEMO, ClientOptions, S3Uri, resolve_endpoint
 from pipeline.hints import fetch_hint, verify_hint
 from pipeline.mirror import MirrorSettings as FetchDefaults, SyncPolicy
@@ -322,8 +324,11 @@ COMMANDS = {"fetch": cmd_fetch, "serve": cmd_serve, "upload": cmd_upload, "verif
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="tess: %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    # Ctrl-C and SIGTERM end a fetch at a safe point, so that what finished is kept.
+    deferred = stopping.deferred() if args.command == "fetch" else contextlib.nullcontext()
     try:
-        return COMMANDS[args.command](args)
+        with deferred:
+            return COMMANDS[args.command](args)
     except (StorageError, BlobWriteError, ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"tess: error: {e}", file=sys.stderr)
         return 2
@@ -333,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"tess: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
+    except stopping.Terminated:
+        print("tess: terminated (SIGTERM); the cache is valid and a rerun resumes", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("tess: interrupted; the cache is valid and a rerun resumes", file=sys.stderr)
         return 130

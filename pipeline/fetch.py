@@ -340,7 +340,10 @@ def _records_here(config: FetchConfig, uri: S3Uri, sub: Listing, layout: CacheLa
     refs = [sub.object_ref(j) for j in range(len(sub))]
     pending: list[tuple[str, str, int, str]] = []
     with KeyIndex(layout) as index:
-        stream = mirror_stream(mirrors, refs)
+        def keep(done: list[MirrorRecord]) -> None:  # finished after the consumer stopped: still indexed
+            pending.extend((r.key, r.etag, r.size, r.sha256 or "") for r in done if r.status is MirrorStatus.FETCHED)
+
+        stream = mirror_stream(mirrors, refs, leftover=keep)
         try:
             for rec in stream:
                 if rec.status is MirrorStatus.FETCHED:

@@ -25,6 +25,7 @@ getter bounds every answer's time and size. This module imports neither boto3 no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -49,12 +50,25 @@ _TRANSIENT_LOCAL = (BodyCheckError, asyncio.TimeoutError, TimeoutError, Connecti
 
 class _Attempts:
     def __init__(self) -> None:
-        self.n = 0  # attempts, the first included (bounded by max_attempts)
+        self.n = 0  # attempts at the current version, the first included (bounded by max_attempts)
+        self.earlier = 0  # attempts at versions the object had before (each version has its own budget)
         self.reconnects = 0  # requests sent again after a stale connection: retries, but no failed attempts
 
     @property
     def sent(self) -> int:
-        return self.n + self.reconnects
+        return self.earlier + self.n + self.reconnects
+
+    def new_version(self) -> None:
+        self.earlier += self.n
+        self.n = 0
+
+
+class _NewVersion(Exception):
+    """The object on the server is not the version being fetched; ``head`` names the one it is now."""
+
+    def __init__(self, head: Expected) -> None:
+        super().__init__(f"ETag {head.etag}, {head.size} bytes")
+        self.head = head
 
 
 _STATUS_OF_KIND = {FailureKind.MISSING: MirrorStatus.MISSING, FailureKind.FATAL: MirrorStatus.FATAL,
@@ -83,15 +97,22 @@ class Mirror:
     # -- one object --------------------------------------------------------------------------------
 
     async def one(self, ref: ObjectRef) -> MirrorRecord:
-        """Mirror ``ref``; never raises for storage problems (they come back as the record's status)."""
+        """Mirror ``ref``; never raises for storage problems (they come back as the record's status).
+
+        An object that is no longer the listed version (a HEAD says so) is fetched at its new version,
+        which the record then pins (ETag, size, LastModified), at most ``max_versions`` times.
+        """
         tries = _Attempts()
         base = dict(index=ref.index, key=ref.key, size=ref.size, etag=ref.etag, last_modified=ref.last_modified,
                     label=ref.label, client=self.client, worker=self.worker)
+
+        async def fetch(version: ObjectRef) -> tuple[str, bool]:
+            if version.size >= self.settings.large_threshold:
+                return await self._large(version, tries)
+            return await self._retrying(lambda: self._small(version, tries), tries)
+
         try:
-            if ref.size >= self.settings.large_threshold:
-                sha, new = await self._large(ref, tries)
-            else:
-                sha, new = await self._retrying(lambda: self._small(ref, tries), tries)
+            version, (sha, new) = await self._each_version(ref, tries, fetch)
         except GetFailure as e:
             status = _STATUS_OF_KIND.get(e.kind) or (MirrorStatus.FATAL if e.fatal_when_exhausted else MirrorStatus.FAILED)
             return MirrorRecord(**base, status=status, attempts=tries.sent, error=e.message)
@@ -101,7 +122,24 @@ class Mirror:
             # Local disk problems (ENOSPC, EACCES) are fatal: every further object would fail too.
             return MirrorRecord(**base, status=MirrorStatus.FATAL, attempts=tries.sent,
                                 error=f"writing the cache at {self._cache_root} failed: {e.strerror or e}; free space or pass --cache-dir")
+        base.update(size=version.size, etag=version.etag, last_modified=version.last_modified)
         return MirrorRecord(**base, status=MirrorStatus.FETCHED, attempts=tries.sent, sha256=sha, new=new)
+
+    async def _each_version(self, ref: ObjectRef, tries: _Attempts,
+                            fetch: Callable[[ObjectRef], Any]) -> tuple[ObjectRef, Any]:
+        """``fetch(version)`` of the listed version, then of each new one a HEAD names, each with its own
+        attempt budget; :class:`GetFailure` CHANGED once the object changed ``max_versions`` times."""
+        version = ref
+        for _ in range(self.settings.max_versions):
+            try:
+                return version, await fetch(version)
+            except _NewVersion as v:
+                log.info("%s changed on the server (%s); fetching its new version", self.uri(ref.key), v)
+                version = dataclasses.replace(version, size=int(v.head.size or 0), etag=v.head.etag or "",
+                                              last_modified=v.head.last_modified or version.last_modified)
+                tries.new_version()
+        raise GetFailure(FailureKind.CHANGED, f"{self.uri(ref.key)}: changing faster than it can be fetched "
+                         f"({self.settings.max_versions} new versions during its fetch); fetch it again later")
 
     async def read(self, ref: ObjectRef) -> bytes:
         """The bytes of ``ref``, checked against it as a mirrored body is, retried; nothing is stored.
@@ -111,16 +149,16 @@ class Mirror:
         """
         tries = _Attempts()
 
-        async def attempt() -> bytes:
-            body = await self._get(ref, tries)
+        async def attempt(version: ObjectRef) -> bytes:
+            body = await self._get(version, tries)
             data = bytes(body.data) if body.data is not None else b"".join([bytes(c) async for c in body.chunks()])
-            hasher = BodyHasher(self._expected(ref, body), label=self.uri(ref.key))
+            hasher = BodyHasher(self._expected(version, body), label=self.uri(version.key))
             hasher.update(data)
             hasher.verify()
             return data
 
         try:
-            return await self._retrying(attempt, tries)
+            return (await self._each_version(ref, tries, lambda v: self._retrying(lambda: attempt(v), tries)))[1]
         except _TRANSIENT_LOCAL as e:
             raise GetFailure(FailureKind.PERMANENT, _one_line(self.uri(ref.key), e)) from None
 
@@ -156,12 +194,16 @@ class Mirror:
         return body
 
     async def _changed(self, ref: ObjectRef, answered: str) -> None:
-        """A GET answered another ETag than the listing's: HEAD says whether the object really changed."""
+        """An answer named another version than ``ref``'s: a HEAD says whether the object really changed
+        (:class:`_NewVersion`) or the answer was wrong (a transient failure)."""
         now: Expected = await self.getter.head(ref.key)
-        if same_etag(now.etag or "", ref.etag) and now.size == ref.size:
-            raise BodyCheckError(f"{self.uri(ref.key)}: the GET answered ETag {answered}, but the object's is {ref.etag}")
-        raise GetFailure(FailureKind.CHANGED, f"{self.uri(ref.key)}: changed on the server since the listing (ETag "
-                         f"{ref.etag} -> {now.etag}, {ref.size} -> {now.size} bytes); fetch again for a new manifest")
+        if self._is_version(ref, now):
+            raise BodyCheckError(f"{self.uri(ref.key)}: an answer named {answered}, but the object's ETag is {ref.etag}")
+        raise _NewVersion(now)
+
+    @staticmethod
+    def _is_version(ref: ObjectRef, head: Expected) -> bool:
+        return same_etag(head.etag or "", ref.etag) and head.size == ref.size
 
     @staticmethod
     def _expected(ref: ObjectRef, body: Body) -> Expected:
@@ -207,11 +249,16 @@ class Mirror:
     async def _large(self, ref: ObjectRef, tries: _Attempts) -> tuple[str, bool]:
         async def whole() -> tuple[str, bool]:
             head: Expected = await self.getter.head(ref.key)
-            if not same_etag(head.etag or "", ref.etag) or head.size != ref.size:
-                raise GetFailure(FailureKind.CHANGED, f"{self.uri(ref.key)}: changed on the server since the listing "
-                                 f"(ETag {ref.etag} -> {head.etag}, {ref.size} -> {head.size} bytes); fetch again for "
-                                 "a new manifest")
-            return await self._ranged(ref, head, tries)
+            if not self._is_version(ref, head):
+                raise _NewVersion(head)
+            try:
+                return await self._ranged(ref, head, tries)
+            except GetFailure as e:
+                if e.kind is not FailureKind.CHANGED:
+                    raise
+                # A part answered 412 to If-Match: the object was replaced while its parts came in.
+                await self._changed(ref, "a newer version (412 to If-Match)")
+                raise  # not reached: _changed raises
 
         return await self._retrying(whole, tries)
 
@@ -298,8 +345,8 @@ class Mirror:
         """Mirror ``refs`` with at most ``settings.concurrency`` in flight; ``emit`` each record as it ends.
 
         A FATAL record, or ``abort`` set by another thread, stops the launching of further objects;
-        those in flight still finish (their requests are never abandoned half way, which would leave
-        the native engine's threads answering a finished interpreter).
+        those in flight still finish. Cancelled, it cancels what is in flight (their temp files are
+        removed; what was renamed was emitted).
         """
         gate = asyncio.Semaphore(self.settings.concurrency)
         stop = False
@@ -315,16 +362,23 @@ class Mirror:
             finally:
                 gate.release()
 
-        for ref in refs:
-            await gate.acquire()
-            if stop or (abort is not None and abort.is_set()):
-                gate.release()
-                break
-            t = asyncio.ensure_future(run(ref))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*list(tasks))
+        try:
+            for ref in refs:
+                await gate.acquire()
+                if stop or (abort is not None and abort.is_set()):
+                    gate.release()
+                    break
+                t = asyncio.ensure_future(run(ref))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*list(tasks))
+        except BaseException:
+            pending = list(tasks)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            raise
 
 
 def _one_line(uri: str, e: BaseException) -> str:

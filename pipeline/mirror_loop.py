@@ -14,10 +14,11 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from pipeline import stopping
 from pipeline.mirror import Mirror, MirrorRecord, MirrorStatus, ObjectRef
 from pipeline.transport.loop import LoopThread
 
-_DRAIN_S = 120.0
+_DRAIN_S = 30.0  # cancelled objects end at their next await; this only bounds a stuck disk write
 
 
 @contextlib.contextmanager
@@ -40,11 +41,14 @@ def fewer_collections() -> Iterator[None]:
         gc.unfreeze()
 
 
-def mirror_stream(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef], *, pick: Callable[[int], int] | None = None) -> Iterator[MirrorRecord]:
+def mirror_stream(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef], *, pick: Callable[[int], int] | None = None,
+                  leftover: Callable[[list[MirrorRecord]], None] | None = None) -> Iterator[MirrorRecord]:
     """Mirror ``refs`` on this process's event loop; yield records in completion order.
 
     ``refs[j]`` goes through ``mirrors[pick(j)]`` (default: round robin, so requests spread over the
-    clients). Closing the iterator early cancels what is still running.
+    clients). Closing the iterator early cancels what is still running; ``leftover`` then gets the
+    records of objects that finished but were not yielded (their blobs are in the cache), so the caller
+    can index them: whatever ends a fetch, finished work is kept.
     """
     if not refs:
         return
@@ -70,33 +74,46 @@ def mirror_stream(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef], *, pick:
             flush()
 
     async def main() -> None:
+        error: BaseException | None = None
         try:
             await asyncio.gather(*(mirrors[m].many(g, emit, abort) for m, g in groups.items()))
-            flush()
-            out.put(None)
         except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
+            error = e
+        finally:
             flush()
-            out.put(e)
+            out.put(error if error is not None and not isinstance(error, asyncio.CancelledError) else None)
+            finished.set()
 
     abort = threading.Event()
+    finished = threading.Event()
     fut = asyncio.run_coroutine_threadsafe(main(), LoopThread.get().loop)
     try:
         while True:
-            item = out.get()
+            try:
+                item = out.get(timeout=0.05)
+            except queue.Empty:
+                stopping.raise_if_requested()  # between records: nothing is in hand
+                continue
             if item is None:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield from item
+            stopping.raise_if_requested()
     finally:
-        if not fut.done():
-            # Closed early (a FATAL record, an exception in the consumer): start nothing new and let
-            # what is in flight end, each bounded by its timeouts.
+        if not finished.is_set():
+            # Closed early (a FATAL record, Ctrl-C, SIGTERM, an exception in the consumer): start nothing
+            # new, cancel what is in flight (its temp files go), and hand over what did finish.
             abort.set()
-            try:
-                fut.result(timeout=_DRAIN_S)
-            except Exception:  # noqa: BLE001 - the consumer's exception is the one that matters
-                fut.cancel()
+            fut.cancel()
+            finished.wait(_DRAIN_S)
+        if leftover is not None:
+            done: list[MirrorRecord] = []
+            while not out.empty():
+                item = out.get_nowait()
+                if isinstance(item, list):
+                    done.extend(item)
+            leftover(done)
 
 
 def mirror_all(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef]) -> list[MirrorRecord]:

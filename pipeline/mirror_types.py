@@ -118,6 +118,8 @@ class MirrorSettings:
         ranges_in_flight: parts in memory over all large objects of one mirror (memory stays below
             ``ranges_in_flight * part_size``).
         disk_threads: threads that create, fsync and hash files (kernel time off the event loop).
+        max_versions: versions of one object tried when it changes during its fetch (each with its own
+            attempt budget); then it fails as "changing faster than it can be fetched".
         sync: durability policy.
     """
 
@@ -131,6 +133,7 @@ class MirrorSettings:
     parts_in_flight: int = 8
     ranges_in_flight: int = 16
     disk_threads: int = 8
+    max_versions: int = 3
     # Measured (README "Guarantees"): one syncfs before the manifest costs a fraction of an fsync per blob.
     sync: SyncPolicy = SyncPolicy.BEFORE_MANIFEST
 

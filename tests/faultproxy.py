@@ -42,12 +42,14 @@ from pipeline.server import request_kind
 
 # Kinds drawn on the seeded schedule, and the kinds ``always`` may force as well.
 SCHEDULED_KINDS = ("500", "503", "reset", "stall", "stall_body", "truncate", "corrupt")
-FORCED_KINDS = (*SCHEDULED_KINDS, "403", "404")
+FORCED_KINDS = (*SCHEDULED_KINDS, "403", "404", "badkey")
 _ERRORS = {
     "500": (500, "Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
     "403": (403, "Forbidden", "AccessDenied", "Access Denied"),
     "404": (404, "Not Found", "NoSuchKey", "The specified key does not exist."),
+    # Credentials the server no longer knows (revoked mid-run): fatal for the whole fetch.
+    "badkey": (403, "Forbidden", "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
 }
 # Headers that describe one hop, not the message; the proxy sets its own framing.
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "te", "upgrade", "expect"}

@@ -121,7 +121,7 @@ def test_gets_whole_streamed_and_ranged_bodies_from_moto(s3_server, s3_client, b
     assert missing.value.kind is FailureKind.MISSING
     with pytest.raises(GetFailure) as changed:
         _get(getter, "h/small", if_match='"not-the-etag"')
-    assert changed.value.kind is FailureKind.TRANSIENT and "changed while it was being fetched" in changed.value.message
+    assert changed.value.kind is FailureKind.CHANGED and "changed while it was being fetched (412" in changed.value.message
     with pytest.raises(GetFailure) as longer:  # more bytes than the listing pinned: never read past it
         _get(getter, "h/small", size=len(small) - 1)
     assert longer.value.kind is FailureKind.TRANSIENT and "more than the 8 bytes expected" in longer.value.message

@@ -11,6 +11,8 @@ for AWS where the bucket name allows it.
 
 from __future__ import annotations
 
+import datetime as _dt
+import email.utils
 import os
 import re
 import threading
@@ -32,6 +34,14 @@ LIST_BODY = 32 << 20  # a LIST page of 1,000 keys is ~300 KB
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _DNS_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 _CHECKSUM_HEADERS = {f"Checksum{a}": f"x-amz-checksum-{a.lower()}" for a in ("CRC32", "CRC32C", "SHA1", "SHA256")}
+
+
+def _http_date_iso(text: str) -> str | None:
+    """An HTTP date (``Wed, 02 Dec 2026 10:00:00 GMT``) as ISO 8601 in UTC, as listings give LastModified."""
+    try:
+        return email.utils.parsedate_to_datetime(text).astimezone(_dt.timezone.utc).isoformat() if text else None
+    except (TypeError, ValueError):
+        return None
 
 
 class PerProcess(Generic[T]):
@@ -238,7 +248,8 @@ class S3Client:
         h = resp.headers
         boto_shaped = {"ChecksumType": h.get("x-amz-checksum-type", "FULL_OBJECT"),
                        **{name: h[header] for name, header in _CHECKSUM_HEADERS.items() if header in h}}
-        return Expected(size=resp.length, etag=h.get("etag", ""), checksum=checksum_from_head(boto_shaped))
+        return Expected(size=resp.length, etag=h.get("etag", ""), checksum=checksum_from_head(boto_shaped),
+                        last_modified=_http_date_iso(h.get("last-modified", "")))
 
     async def list_page(self, bucket: str, prefix: str, token: str | None, *, max_keys: int = 1000) -> s3xml.ListPage:
         """One ListObjectsV2 page of ``prefix`` (after ``token``)."""

@@ -105,7 +105,7 @@ def for_answer(status: int, code: str | None, *, uri: str, options: ClientOption
         return GetFailure(FailureKind.DENIED, f"{uri}: {what} ({code or 403}) at {where(options)}; check AWS_ACCESS_KEY_ID / "
                           "AWS_SECRET_ACCESS_KEY / AWS_PROFILE and the bucket policy")
     if status == 412 or code == "PreconditionFailed":
-        return GetFailure(FailureKind.TRANSIENT, f"{uri}: changed while it was being fetched (ETag)")
+        return GetFailure(FailureKind.CHANGED, f"{uri}: changed while it was being fetched (412 to If-Match)")
     if status in RETRYABLE_STATUS or status >= 500:
         return GetFailure(FailureKind.TRANSIENT, f"{uri}: the server answered {label}")
     if 300 <= status < 400:

@@ -209,7 +209,9 @@ class _Wire(asyncio.Protocol):
         if sock is None:
             return True
         try:
-            return bool(select.select([sock.fileno()], [], [], 0)[0])
+            poller = select.poll()  # not select.select: descriptors above 1023 are common in big processes
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
 
