@@ -14,7 +14,6 @@ import os
 import sqlite3
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cache.blobs import BlobWriteError
@@ -125,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("folder", help="local folder; keys are prefix + the path relative to it")
     u.add_argument("prefix", help="s3://bucket/prefix")
     u.add_argument("--create-bucket", action="store_true", help="create the bucket when it does not exist")
+    u.add_argument("--force", action="store_true", help="send every file, also those the prefix holds with the same size and MD5")
+    u.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_client_args(u)
 
     v = sub.add_parser("verify", help="rehash every blob a manifest references; report (and --repair) bad ones")
@@ -196,33 +197,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from pipeline.s3 import upload_file
+    from pipeline.upload import files_under, upload_folder
 
     root = Path(args.folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"folder {args.folder!r} does not exist; pass a folder of images to upload")
+    files = files_under(root)
     uri = S3Uri.parse(args.prefix)
     options = client_options(args)
-    os.listdir(root)  # raises PermissionError here; rglob would silently find nothing in an unreadable folder
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    if not files:
-        raise FileNotFoundError(f"folder {args.folder!r} holds no files; nothing to upload")
     if args.create_bucket:
         from pipeline.s3 import ensure_bucket
 
         ensure_bucket(uri, options)
-    total = sum(p.stat().st_size for p in files)
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload") as bar, ThreadPoolExecutor(options.max_connections) as pool:
-        def one(p: Path) -> None:
-            key = uri.prefix + p.relative_to(root).as_posix()
-            upload_file(p, uri.bucket, key, options, uri_for_errors=uri.key_uri(key))
-            bar.update(p.stat().st_size)
-
-        for _ in pool.map(one, files):
-            pass
-    print(f"uploaded {len(files)} files ({total / 1e6:.1f} MB) to {uri}")
+    report = upload_folder(root, uri, options, files, force=args.force, progress=not args.no_progress)
+    print(f"uploaded {report.uploaded} files ({report.uploaded_bytes / 1e6:.1f} MB) to {uri}; skipped {report.skipped} "
+          f"already there with the same size and MD5{' (--force sends them all)' if report.skipped else ''}")
     return 0
 
 

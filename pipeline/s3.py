@@ -97,13 +97,16 @@ def ensure_bucket(uri: S3Uri, options: ClientOptions) -> None:
     client.create_bucket(Bucket=uri.bucket)
 
 
+MULTIPART_ABOVE = 64 << 20  # bytes; larger files go up in parts (s3transfer)
+
+
 def upload_file(path: os.PathLike[str] | str, bucket: str, key: str, options: ClientOptions, *, uri_for_errors: str) -> None:
-    """PUT one local file (multipart through s3transfer above 64 MiB)."""
+    """PUT one local file (multipart through s3transfer above :data:`MULTIPART_ABOVE`)."""
     import botocore.exceptions
 
     client = get_client(options)
     try:
-        if os.path.getsize(path) > 64 << 20:
+        if os.path.getsize(path) > MULTIPART_ABOVE:
             client.upload_file(str(path), bucket, key)
         else:
             with open(path, "rb") as f:
