@@ -4,7 +4,8 @@ Rooms, each owning one concern, arrows pointing down:
 
 * :mod:`~pipeline.transport.client`: the S3 client (addressing, signing, HEAD/GET/LIST, per process).
 * :mod:`~pipeline.transport.listing`: a prefix's listing, page by page, retried.
-* :mod:`~pipeline.transport.http`: HTTP/1.1 framed by h11, bounded reads, strict connection reuse.
+* :mod:`~pipeline.transport.http`: HTTP/1.1 framed by h11, bounded reads, strict connection reuse;
+  :mod:`~pipeline.transport.wire`: the bytes of one connection and the read-timeout watch.
 * :mod:`~pipeline.transport.tls`: the ``ssl.SSLContext`` from boto3's conventions (``AWS_CA_BUNDLE``...).
 * :mod:`~pipeline.transport.signer`: SigV4.  :mod:`~pipeline.transport.s3xml`: S3's XML answers.
 * :mod:`~pipeline.transport.errors`: every failure classified once.  :mod:`~pipeline.transport.loop`:
