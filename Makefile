@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-1
 
 # Variables (all optional): PREFIX=s3://bucket/prefix ENDPOINT=url WORKERS=n CLIENTS=n CACHE_DIR=dir
 # LIMIT=n EPOCHS=n BATCH=n OUT=dir N=objects NPROC=n SHARD=k/N CACHE_MAX_BYTES=size REPAIR=1
-# ON_BAD_SAMPLE=stop|skip EXTENSIONS=.png,.jpg THREADS=n CA_BUNDLE=ca.pem NO_VERIFY_SSL=1
+# ON_BAD_SAMPLE=stop|skip EXTENSIONS=.png,.jpg THREADS=n CA_BUNDLE=ca.pem NO_VERIFY_SSL=1 LABELS=auto|folder|suffix|none
 PREFIX ?=
 ENDPOINT ?=
 WORKERS ?=
@@ -28,21 +28,22 @@ EXTENSIONS ?=
 THREADS ?=
 CA_BUNDLE ?=
 NO_VERIFY_SSL ?=
+LABELS ?=
 
 cache_arg = $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR))
 tls_args = $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE)) $(if $(NO_VERIFY_SSL),--no-verify-ssl)
 fetch_args = $(PREFIX) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(tls_args) $(if $(WORKERS),-w $(WORKERS)) \
 	$(if $(CLIENTS),-c $(CLIENTS)) $(if $(LIMIT),--limit $(LIMIT)) $(if $(SHARD),--shard $(SHARD)) \
-	$(if $(CACHE_MAX_BYTES),--max-cache-bytes $(CACHE_MAX_BYTES)) $(cache_arg)
+	$(if $(CACHE_MAX_BYTES),--max-cache-bytes $(CACHE_MAX_BYTES)) $(if $(LABELS),--labels $(LABELS)) $(cache_arg)
 train_args = -e $(EPOCHS) $(if $(WORKERS),-w $(WORKERS)) $(if $(BATCH),-b $(BATCH)) \
 	$(if $(PREFIX),--prefix $(PREFIX)) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(cache_arg) --out $(OUT) \
 	$(if $(ON_BAD_SAMPLE),--on-bad-sample $(ON_BAD_SAMPLE)) $(if $(EXTENSIONS),--extensions $(EXTENSIONS)) \
-	$(if $(THREADS),--threads $(THREADS))
+	$(if $(THREADS),--threads $(THREADS)) $(if $(LABELS),--labels $(LABELS))
 
 .PHONY: help venv fetch serve train train-ddp demo verify cache-stats clean-cache bench bench-fetch test
 
 help:
-	@echo "make demo | fetch [PREFIX= ENDPOINT= CA_BUNDLE= NO_VERIFY_SSL=1 WORKERS= CLIENTS= LIMIT= SHARD=k/N CACHE_DIR=] | serve | train [EPOCHS= WORKERS= BATCH= PREFIX= CACHE_DIR= OUT= ON_BAD_SAMPLE=skip EXTENSIONS= THREADS=] | train-ddp [NPROC= + train's] | verify [REPAIR=1 CA_BUNDLE= NO_VERIFY_SSL=1] | cache-stats | clean-cache | bench [N= REPEATS=] | bench-fetch [N= REPEATS=] | test"
+	@echo "make demo | fetch [PREFIX= ENDPOINT= CA_BUNDLE= NO_VERIFY_SSL=1 WORKERS= CLIENTS= LIMIT= SHARD=k/N LABELS= CACHE_DIR=] | serve | train [EPOCHS= WORKERS= BATCH= PREFIX= CACHE_DIR= OUT= ON_BAD_SAMPLE=skip EXTENSIONS= THREADS= LABELS=] | train-ddp [NPROC= + train's] | verify [REPAIR=1 CA_BUNDLE= NO_VERIFY_SSL=1] | cache-stats | clean-cache | bench [N= REPEATS=] | bench-fetch [N= REPEATS=] | test"
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

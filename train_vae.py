@@ -45,13 +45,17 @@ FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
                                 "the cores; 0 = torch's default, one per core; above 1, OpenMP waits passively)"),
     "extensions": (("--extensions",), "keys ending in these (comma-separated, case-insensitive) are images; others are "
                                       "ignored (default %(default)s)"),
+    "labels": (("--labels",), "one label rule for all keys: auto (class folders when every image key lies in one, else "
+                              "the _<int> suffix when every one has it, else none; with --source cache: the manifest's "
+                              "labels as recorded), folder, suffix or none; a rule other than the manifest's recomputes "
+                              "its labels from the keys (default %(default)s)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.config import BAD_SAMPLE_MODES, PACK_MODES, SOURCES, TrainConfig
+    from pipeline.config import BAD_SAMPLE_MODES, PACK_MODES, SOURCES, LabelRule, TrainConfig
 
-    choices = {"source": SOURCES, "pack": PACK_MODES, "on_bad_sample": BAD_SAMPLE_MODES}
+    choices = {"source": SOURCES, "pack": PACK_MODES, "on_bad_sample": BAD_SAMPLE_MODES, "labels": [r.value for r in LabelRule]}
     p = argparse.ArgumentParser(prog="train_vae.py", description="Train a VAE on images mirrored by `make fetch`.")
     for f in dataclasses.fields(TrainConfig):
         flags, text = FLAGS[f.name]

@@ -3,8 +3,9 @@
 File format (``manifests/<name>.jsonl``, UTF-8 JSON Lines, written atomically):
 
 * line 1, the header: ``{"format": "tess-manifest/1", "endpoint", "bucket", "prefix", "created",
-  "count", "total_bytes", "records_sha256", ...}`` plus optional ``classes``, ``shard``, ``fetch``
-  (the fetch summary) and ``incomplete`` (keys that could not be fetched).
+  "count", "total_bytes", "records_sha256", ...}`` plus optional ``labels`` (the label rule the records
+  follow: ``folder``, ``suffix`` or ``none``; absent in manifests written before it was recorded),
+  ``classes``, ``shard``, ``fetch`` (the fetch summary) and ``incomplete`` (keys that could not be fetched).
 * every further line, one record: ``{"key", "sha256", "size", "etag", "last_modified", "label"}``,
   in listing order (S3 lists keys in UTF-8 binary order).
 
@@ -56,7 +57,7 @@ class ManifestRecord:
 
 # The header fields every manifest has, and the optional ones, in the order they are written.
 _REQUIRED = ("endpoint", "bucket", "prefix", "created", "count", "total_bytes", "records_sha256", "format")
-_OPTIONAL = ("fetch", "classes", "incomplete", "shard", "network")
+_OPTIONAL = ("fetch", "labels", "classes", "incomplete", "shard", "network")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +67,9 @@ class ManifestHeader:
     Attributes:
         fetch: the fetch summary as written by ``pipeline.fetch`` (listed, fetched, cached, missing,
             failed, bytes, retries, list_s, wall_s); None for manifests written by other tools.
+        labels: the label rule the records' labels follow (``folder``, ``suffix`` or ``none``; see
+            ``pipeline.labels``); None for a manifest written before the rule was recorded, whose
+            labels are read as they are.
         classes: folder class names, when labels come from folders.
         incomplete: listed objects that are not in the manifest.
         shard: the shard ``k/N`` of a sharded fetch; None for the whole listing.
@@ -83,6 +87,7 @@ class ManifestHeader:
     records_sha256: str
     format: str = MANIFEST_FORMAT
     fetch: dict[str, Any] | None = None
+    labels: str | None = None
     classes: tuple[str, ...] | None = None
     incomplete: int | None = None
     shard: ShardSpec | None = None
@@ -92,7 +97,7 @@ class ManifestHeader:
     @property
     def extra(self) -> dict[str, Any]:
         """The optional fields as the file holds them (``shard`` as ``"k/N"``), in the order written."""
-        values = {"fetch": self.fetch, "classes": None if self.classes is None else list(self.classes),
+        values = {"fetch": self.fetch, "labels": self.labels, "classes": None if self.classes is None else list(self.classes),
                   "incomplete": self.incomplete, "shard": None if self.shard is None else str(self.shard),
                   "network": self.network}
         return {**{k: v for k, v in values.items() if v is not None}, **self.unknown}
@@ -116,10 +121,12 @@ class ManifestHeader:
         if missing:
             raise ValueError(f"{source}: header lacks {missing}; re-run `make fetch` to rewrite it")
         fix = "re-run `make fetch` to rewrite it"
-        fetch, classes, incomplete, shard, network = (d.get(k) for k in _OPTIONAL)
+        fetch, labels, classes, incomplete, shard, network = (d.get(k) for k in _OPTIONAL)
         for name, value in (("fetch", fetch), ("network", network)):
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"{source}: header field {name} {value!r} is not an object; {fix}")
+        if labels is not None and not isinstance(labels, str):
+            raise ValueError(f"{source}: header field labels {labels!r} is not a rule name; {fix}")
         if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             raise ValueError(f"{source}: header field classes {classes!r} is not a list of names; {fix}")
         if incomplete is not None and (not isinstance(incomplete, int) or isinstance(incomplete, bool) or incomplete < 0):
@@ -131,6 +138,7 @@ class ManifestHeader:
         return cls(
             **{k: d[k] for k in _REQUIRED},
             fetch=fetch,
+            labels=labels,
             classes=None if classes is None else tuple(classes),
             incomplete=incomplete,
             shard=spec,
@@ -219,8 +227,8 @@ def write_manifest(
     """Write ``<name>.jsonl`` and ``<name>.keys`` atomically; return the manifest path.
 
     ``endpoint`` must already be free of credentials (the caller strips them). ``extra`` holds the
-    optional header fields in their file form (``fetch``, ``classes``, ``incomplete``, ``shard`` as
-    ``"k/N"``). When it holds the fetch summary (``fetch``), the header also gets ``network``: the cost
+    optional header fields in their file form (``fetch``, ``labels``, ``classes``, ``incomplete``, ``shard``
+    as ``"k/N"``). When it holds the fetch summary (``fetch``), the header also gets ``network``: the cost
     of bringing this listing's data, carried over from the manifest it replaces
     (:attr:`ManifestHeader.network_cost`).
     """

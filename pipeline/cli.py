@@ -19,7 +19,7 @@ from pathlib import Path
 from cache.blobs import BlobWriteError
 from cache.layout import CacheLayout
 from pipeline import stopping
-from pipeline.config import EMBEDDED_DEMO, ClientOptions, S3Uri, resolve_endpoint
+from pipeline.config import EMBEDDED_DEMO, ClientOptions, LabelRule, S3Uri, resolve_endpoint
 from pipeline.hints import fetch_hint, verify_hint
 from pipeline.mirror import MirrorSettings as FetchDefaults, SyncPolicy
 from pipeline.transport.errors import StorageError
@@ -91,6 +91,8 @@ def _byte_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.fetch import FetchConfig
+
     parser = argparse.ArgumentParser(prog="tess", description="tess: mirror S3 prefixes into a content-addressed cache.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -111,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.add_argument("--sync", choices=[p.value for p in SyncPolicy], default=FetchDefaults.sync.value,
                    help=f"when blobs become durable: fsync each, or one syncfs before the manifest (default {FetchDefaults.sync.value}; README Guarantees)")
+    f.add_argument("--labels", choices=[r.value for r in LabelRule], default=FetchConfig.labels.value,
+                   help="one label rule for the whole listing: auto (class folders when every image key lies in one, "
+                        "else the _<int> suffix when every image key has one, else none), folder, suffix or none "
+                        f"(-1 for all); recorded in the manifest (default {FetchConfig.labels.value})")
     add_client_args(f)
 
     s = sub.add_parser("serve", help="run the embedded S3 server (moto) with the demo set in the foreground")
@@ -172,8 +178,11 @@ def _run_fetch(args: argparse.Namespace, prefix: str, options: ClientOptions, la
         prefix=prefix, options=options, cache_dir=args.cache_dir, workers=args.workers, clients=args.clients,
         batch=args.batch, limit=args.limit, verify=args.verify, endpoint_label=label, progress=not args.no_progress,
         max_cache_bytes=args.max_cache_bytes, shard=getattr(args, "shard_spec", None), sync=SyncPolicy(args.sync),
+        labels=LabelRule(args.labels),
     )
     result = fetch(config)
+    if result.label_choice is not None:
+        print(result.label_choice.line())
     print(result.summary.line())
     for err in result.summary.errors[:10]:
         print(f"  {err}", file=sys.stderr)
@@ -250,12 +259,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"  ... and {len(report.problems) - 20} more")
     if report.ok:
         return 0
+    from pipeline.repair import missing_advice, repair
+
     if not args.repair:
         print("nothing was changed (verify only reads)")
-        print(f"tess: error: {len(report.problems)} records point to missing or corrupted blobs; "
-              f"run {verify_hint(repair=True, endpoint=args.endpoint, cache_dir=args.cache_dir)}", file=sys.stderr)
+        # Missing blobs have two causes with two fixes: only missing here (--repair), or deleted on the server.
+        advice = missing_advice(layout, report.problems, endpoint=args.endpoint)
+        fix = advice or f"run {verify_hint(repair=True, endpoint=args.endpoint, cache_dir=args.cache_dir)}"
+        print(f"tess: error: {len(report.problems)} records point to missing or corrupted blobs; {fix}", file=sys.stderr)
         return 1
-    from pipeline.repair import repair
 
     result = repair(layout, report.problems, options=client_options(args), endpoint=resolve_endpoint(args.endpoint))
     # What could not be fetched again and is still corrupted can never be right: remove it, and say so.

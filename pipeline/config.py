@@ -4,6 +4,7 @@
 * :func:`resolve_endpoint` / :func:`manifest_endpoint`: the one place an endpoint flag, the
   environment or a manifest's endpoint label becomes a URL.
 * :class:`TrainConfig`: every flag of ``train_vae.py``; the command line is derived from its defaults.
+* :class:`LabelRule`: the values of ``--labels`` (fetch and training); the rule itself is :mod:`pipeline.labels`.
 
 Credentials never appear here: boto3's standard chain (environment, profile, instance role) supplies
 them, and nothing in tess prints or stores them. This module imports neither boto3 nor torch.
@@ -11,6 +12,7 @@ them, and nothing in tess prints or stores them. This module imports neither bot
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 from collections.abc import Iterable
@@ -19,8 +21,8 @@ from urllib.parse import urlsplit
 
 from cache.uri import S3Uri
 
-__all__ = ["AWS_ENDPOINT", "EMBEDDED_DEMO", "IMG_EXTENSIONS", "ClientOptions", "S3Uri", "TrainConfig", "check_endpoint",
-           "manifest_endpoint", "parse_extensions", "redact_url", "resolve_endpoint"]
+__all__ = ["AWS_ENDPOINT", "EMBEDDED_DEMO", "IMG_EXTENSIONS", "ClientOptions", "LabelRule", "S3Uri", "TrainConfig",
+           "check_endpoint", "label_rule", "manifest_endpoint", "parse_extensions", "redact_url", "resolve_endpoint"]
 
 ENV_ENDPOINTS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 RETRY_MODES = ("standard", "adaptive", "legacy")
@@ -150,6 +152,27 @@ def parse_extensions(text: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+class LabelRule(enum.StrEnum):
+    """How the keys of one listing get their labels (``--labels``): one rule for the whole listing.
+
+    Here, beside the other flag values, and not in :mod:`pipeline.labels`: this module must stay free of
+    the listing's imports (the mirror imports this module).
+    """
+
+    AUTO = "auto"  # folder when every image key lies in a class folder, else suffix when every one has it, else none
+    FOLDER = "folder"  # the first folder below the prefix is the class (torchvision ImageFolder)
+    SUFFIX = "suffix"  # <stem>_<int>.<ext> gives int (the research loader)
+    NONE = "none"  # -1 for every key
+
+
+def label_rule(value: str) -> LabelRule:
+    """``value`` as a :class:`LabelRule`; ValueError naming the choices otherwise."""
+    try:
+        return LabelRule(value)
+    except ValueError:
+        raise ValueError(f"labels={value!r} must be one of {', '.join(LabelRule)} (--labels, LABELS=)") from None
+
+
 SOURCES = ("cache", "s3")
 PACK_MODES = ("auto", "on", "off")
 BAD_SAMPLE_MODES = ("stop", "skip")
@@ -186,6 +209,8 @@ class TrainConfig:
     # process vs 268 for torch's default, at a 17% cost when idle); 0 means torch's own choice.
     threads: int = 1
     extensions: tuple[str, ...] = IMG_EXTENSIONS
+    # auto with --source cache: the manifest's labels as recorded at fetch time (pipeline.sources).
+    labels: LabelRule = LabelRule.AUTO
 
     def __post_init__(self) -> None:
         checks = [
@@ -205,6 +230,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(msg)
         object.__setattr__(self, "extensions", parse_extensions(self.extensions))
+        object.__setattr__(self, "labels", label_rule(self.labels))
         # Imported here, not at the top: the model module imports torch, and this module must not
         # (``python -m pipeline fetch`` and ``train_vae.py --help`` read it).
         from pipeline.model import VAEConfig

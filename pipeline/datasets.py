@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, get_worker_info
 from cache.blobs import BlobStore
 from cache.index import KeyIndex
 from cache.layout import CacheLayout
-from pipeline.config import ClientOptions, S3Uri
+from pipeline.config import ClientOptions, LabelRule, S3Uri, label_rule
 from pipeline.images import DefaultTransform as _DefaultTransform
 from pipeline.images import UndecodableImage, decode_rgb, to_float  # noqa: F401 - re-exported: the research code used them
 from pipeline.listing import Listing
@@ -57,6 +57,8 @@ class DSSDataset(Dataset):
         listing: an existing listing (the fetch stage lists once and passes it in).
         image_size: output size of the default transform.
         sync: when mirrored blobs become durable (the fetch stage syncs once before its manifest).
+        labels: the label rule (:mod:`pipeline.labels`), decided over the whole listing; the choice and its
+            reason are ``listing.label_choice``. Ignored when ``listing`` is given (it is already labelled).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class DSSDataset(Dataset):
         image_size: int | None = 32,
         endpoint_label: str | None = None,
         sync: SyncPolicy = SyncPolicy.PER_BLOB,
+        labels: LabelRule | str = LabelRule.AUTO,
     ) -> None:
         super().__init__()
         if client_num < 1:
@@ -86,7 +89,8 @@ class DSSDataset(Dataset):
         self.endpoint_label = endpoint_label or self.options.endpoint_label
         self.sync = sync
         if listing is None:
-            listing = Listing.from_objects(list_objects(self.uri, self.options, limit=limit), prefix=self.uri.prefix)
+            listing = Listing.from_objects(list_objects(self.uri, self.options, limit=limit), prefix=self.uri.prefix,
+                                           labels=label_rule(labels))
             if len(listing) == 0:
                 raise StorageError(f"no objects under {self.uri}; check PREFIX (keys are case-sensitive)")
         self.listing = listing

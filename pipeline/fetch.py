@@ -31,7 +31,8 @@ from cache.layout import CacheLayout
 from cache.locks import GC_LOCK, cache_lock
 from cache.manifest import ManifestRecord, write_manifest
 from cache.shard import ShardSpec, shard_mask
-from pipeline.config import ClientOptions, S3Uri
+from pipeline.config import ClientOptions, LabelRule, S3Uri, label_rule
+from pipeline.labels import LabelChoice
 from pipeline.listing import Listing
 from pipeline.mirror import MirrorRecord, MirrorSettings, MirrorStatus, SyncPolicy
 from pipeline.mirror_loop import fewer_collections, mirror_stream
@@ -63,6 +64,8 @@ class FetchConfig:
         sync: when blobs become durable (README "Guarantees"); the manifest is always written after.
         shard: mirror only this shard of the listing (:mod:`cache.shard`); the manifest records it
             as ``shard: "k/N"`` and gets its own file. None (or ``k/1``) means the whole listing.
+        labels: the label rule (:mod:`pipeline.labels`), decided over the whole listing before any
+            sharding; the manifest records the rule applied as ``labels``.
     """
 
     prefix: str
@@ -78,9 +81,11 @@ class FetchConfig:
     max_cache_bytes: int | None = None
     shard: ShardSpec | None = None
     sync: SyncPolicy = MirrorSettings.sync
+    labels: LabelRule = LabelRule.AUTO
 
     def __post_init__(self) -> None:
         S3Uri.parse(self.prefix)
+        object.__setattr__(self, "labels", label_rule(self.labels))
         if not 0 <= self.workers <= 256:
             raise ValueError(f"workers={self.workers} must be between 0 and 256 (-w/--workers, WORKERS=)")
         if not 1 <= self.clients <= 256:
@@ -148,6 +153,7 @@ class FetchResult:
     manifest: Path | None
     summary: FetchSummary
     records: list[MirrorRecord] = field(default_factory=list, repr=False)
+    label_choice: LabelChoice | None = None  # the label rule applied and why (the CLI prints its line)
 
     @property
     def exit_code(self) -> int:
@@ -201,7 +207,8 @@ def fetch(config: FetchConfig) -> FetchResult:
     # List before touching the disk: a bad bucket, an empty prefix or an unreachable endpoint leaves no
     # cache skeleton behind.
     list_stats: dict[str, int] = {}
-    listing = Listing.from_objects(list_objects(uri, config.options, limit=config.limit, stats=list_stats), prefix=uri.prefix)
+    listing = Listing.from_objects(list_objects(uri, config.options, limit=config.limit, stats=list_stats), prefix=uri.prefix,
+                                   labels=config.labels)
     if len(listing) == 0:
         raise StorageError(f"no objects under {uri}; check PREFIX (keys are case-sensitive and the prefix is literal)")
     layout.create()
@@ -227,8 +234,8 @@ def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, listing:
     summary.listed = len(listing)
     shard = config.shard if config.shard is not None and not config.shard.whole else None
     if shard is not None:
-        # After labelling (folder classes are numbered over the whole listing, so every shard agrees)
-        # and before the cache lookup (a node never touches, or counts as cached, another node's keys).
+        # After labelling (the rule is decided, and folder classes numbered, over the whole listing, so every
+        # shard agrees) and before the cache lookup (a node never touches, or counts as cached, another node's keys).
         listing = listing.subset(np.flatnonzero(shard_mask(listing.keys, shard)))
         log.info("shard %s: %d of %d listed objects", shard, len(listing), summary.listed)
     listed_bytes = int(listing.size.sum())
@@ -258,7 +265,7 @@ def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, listing:
     kept = [r for r in records if r is not None and r.ok]
     summary.bytes_total = sum(r.size for r in kept)
     summary.wall_s = time.perf_counter() - t0
-    extra: dict[str, Any] = {"fetch": summary.to_json()}
+    extra: dict[str, Any] = {"fetch": summary.to_json(), "labels": str(listing.label_choice.rule)}
     if listing.classes:
         extra["classes"] = list(listing.classes)
     if not summary.complete:
@@ -277,7 +284,8 @@ def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, listing:
         ),
         extra=extra,
     )
-    return FetchResult(manifest=path, summary=summary, records=[r for r in records if r is not None])
+    return FetchResult(manifest=path, summary=summary, records=[r for r in records if r is not None],
+                       label_choice=listing.label_choice)
 
 
 def _mirror(config: FetchConfig, uri: S3Uri, listing: Listing, todo: np.ndarray, records: list[MirrorRecord | None],

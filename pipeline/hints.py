@@ -39,15 +39,16 @@ def _command(make: str, cli: str, parts: list[Part | None]) -> str:
     return f"`{' '.join([make, *(m for m, _ in kept)])}` (or `{' '.join([cli, *(c for _, c in kept)])}`)"
 
 
-def fetch_hint(uri: str | None, *, endpoint: str | None = None, cache_dir=None, shard: str | None = None) -> str:
+def fetch_hint(uri: str | None, *, endpoint: str | None = None, cache_dir=None, shard: str | None = None,
+               labels: str | None = None) -> str:
     """``make fetch ...`` (and the ``python -m pipeline fetch`` form) for this prefix and these settings.
 
-    ``uri`` None (or an embedded-demo manifest) means the demo set.
+    ``uri`` None (or an embedded-demo manifest) means the demo set; ``labels`` a label rule to force.
     """
     prefix = (f"PREFIX={shlex.quote(uri)}", shlex.quote(uri)) if uri and endpoint != EMBEDDED_DEMO else None
     return _command("make fetch", "python -m pipeline fetch", [
         prefix, _endpoint_part(endpoint), (f"SHARD={shard}", f"--shard {shard}") if shard else None,
-        _cache_dir_part(cache_dir),
+        (f"LABELS={labels}", f"--labels {labels}") if labels else None, _cache_dir_part(cache_dir),
     ])
 
 

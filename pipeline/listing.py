@@ -1,53 +1,22 @@
-"""A pinned listing held as compact arrays, and the label convention for keys.
+"""A pinned listing held as compact arrays, labelled by one rule decided over all of it.
 
-Labels: ``<stem>_<int>.<ext>`` gives ``int`` (the research loader's convention); otherwise the first
-folder below the prefix names the class (torchvision ImageFolder convention, classes sorted by name);
-otherwise -1.
+The label rule (class folders, the ``_<int>`` suffix, or none) is :mod:`pipeline.labels`; a listing
+decides it once, when it is made from the LIST answer, so a shard (:meth:`Listing.subset`) keeps the
+whole listing's labels, classes and choice.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from cache.manifest import StringArray
+from pipeline.config import LabelRule
+from pipeline.labels import LabelChoice, assign_labels
 from pipeline.mirror import ObjectRef
 from pipeline.transport.listing import ObjectInfo
-
-_LABEL_RE = re.compile(r"_(\d{1,9})\.[A-Za-z0-9]+$")
-
-
-def label_from_name(key: str) -> int | None:
-    """The ``_<int>`` label of the key's file name, or None."""
-    name = key.rsplit("/", 1)[-1]
-    m = _LABEL_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
-def folder_class(key: str, prefix: str) -> str | None:
-    """The first folder of ``key`` below ``prefix`` (ImageFolder's class), or None."""
-    rel = key[len(prefix) :] if key.startswith(prefix) else key
-    rel = rel.lstrip("/")
-    head, sep, _ = rel.partition("/")
-    return head if sep and head else None
-
-
-def assign_labels(keys: Iterable[str], prefix: str) -> tuple[np.ndarray, list[str]]:
-    """Labels for ``keys`` and the sorted folder class names (empty when the name convention covers all)."""
-    keys = list(keys)
-    named = [label_from_name(k) for k in keys]
-    folders = [None if n is not None else folder_class(k, prefix) for k, n in zip(keys, named)]
-    classes = sorted({f for f in folders if f is not None})
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.fromiter(
-        (n if n is not None else (index[f] if f is not None else -1) for n, f in zip(named, folders)),
-        dtype=np.int64,
-        count=len(keys),
-    )
-    return labels, classes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,21 +29,24 @@ class Listing:
     last_modified: StringArray
     size: np.ndarray
     label: np.ndarray
+    label_choice: LabelChoice
     classes: tuple[str, ...] = ()
 
     @classmethod
-    def from_objects(cls, objects: Iterable[ObjectInfo], *, prefix: str) -> Listing:
+    def from_objects(cls, objects: Iterable[ObjectInfo], *, prefix: str, labels: LabelRule = LabelRule.AUTO) -> Listing:
+        """The listing of ``objects``, labelled by the rule ``labels`` decided over all of them."""
         objs = list(objects)
         keys = [o.key for o in objs]
-        labels, classes = assign_labels(keys, prefix)
+        labelled = assign_labels(keys, prefix, labels)
         return cls(
             prefix=prefix,
             keys=StringArray.from_strings(keys),
             etags=StringArray.from_strings([o.etag for o in objs]),
             last_modified=StringArray.from_strings([o.last_modified for o in objs]),
             size=np.array([o.size for o in objs], dtype=np.int64),
-            label=labels,
-            classes=tuple(classes),
+            label=labelled.values,
+            label_choice=labelled.choice,
+            classes=labelled.classes,
         )
 
     def __len__(self) -> int:
@@ -95,5 +67,6 @@ class Listing:
             last_modified=StringArray.from_strings([self.last_modified[i] for i in idx]),
             size=self.size[idx] if idx else np.zeros(0, dtype=np.int64),
             label=self.label[idx] if idx else np.zeros(0, dtype=np.int64),
+            label_choice=self.label_choice,
             classes=self.classes,
         )

@@ -125,6 +125,7 @@ class TrainSummary:
     ignored_keys: int
     ignored_examples: list[str]
     extensions: list[str]
+    labels: str
     param_sha256: str
     param_sha256_by_rank: list[str]
     params_identical: bool
@@ -147,6 +148,8 @@ class TrainSummary:
             f"  loss: first 50 iterations {self.loss_first50_mean:.1f} -> last epoch {self.loss_last_epoch_mean:.1f} "
             f"(ratio {self.loss_ratio:.2f})",
         ]
+        if self.labels:
+            lines.append(f"  {self.labels}")
         if self.network:
             net = self.network
             runs = f"{net['runs']} fetch run{'s' if net['runs'] != 1 else ''}"

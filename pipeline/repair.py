@@ -2,7 +2,9 @@
 
 Each manifest says where its objects came from (endpoint, bucket); the objects are downloaded through
 the same mirror as ``fetch`` (:mod:`pipeline.mirror`) and accepted only if they hash to the digest the manifest pinned.
-An object that changed on the server since then cannot repair that manifest: a new fetch is needed.
+An object that changed on the server since then, or was deleted there, cannot repair that manifest: a
+new fetch is needed, and the message names it (:func:`new_fetch_hint`). A blob only missing locally is
+what ``--repair`` heals; :func:`missing_advice` tells plain ``verify`` users which is which.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from pathlib import Path
 
 from cache.blobs import BlobStore, sync_filesystem
 from cache.layout import CacheLayout
-from cache.manifest import load_manifest
+from cache.manifest import ManifestHeader, load_manifest, read_manifest_header
 from cache.verify import Problem
 from pipeline.config import EMBEDDED_DEMO, ClientOptions, manifest_endpoint
 from pipeline.mirrors import make_mirror
-from pipeline.hints import fetch_hint
+from pipeline.hints import fetch_hint, verify_hint
 from pipeline.mirror import MirrorStatus, ObjectRef
 from pipeline.mirror_loop import mirror_all
 
@@ -32,6 +34,24 @@ log = logging.getLogger(__name__)
 class RepairReport:
     repaired: int = 0
     failed: list[str] = field(default_factory=list)
+
+
+def new_fetch_hint(header: ManifestHeader, *, endpoint: str | None, layout: CacheLayout) -> str:
+    """The fetch that pins a new manifest of ``header``'s prefix (and shard), in this cache, from this endpoint."""
+    return fetch_hint(str(header.uri), endpoint=endpoint or header.endpoint, cache_dir=layout,
+                      shard=header.shard and str(header.shard))
+
+
+def missing_advice(layout: CacheLayout, problems: list[Problem], *, endpoint: str | None) -> str | None:
+    """For plain ``verify``: what heals the missing blobs (``--repair``) and what it cannot (a deleted object)."""
+    paths = list(dict.fromkeys(p.manifest for p in problems if p.kind == "missing"))
+    if not paths:
+        return None
+    fixes = [new_fetch_hint(read_manifest_header(path), endpoint=endpoint, layout=layout) for path in paths[:2]]
+    more = f" (and {len(paths) - 2} more manifests)" if len(paths) > 2 else ""
+    return (f"run {verify_hint(repair=True, endpoint=endpoint, cache_dir=layout)} to fetch them again from the server; "
+            f"an object deleted on the server since the fetch cannot come back that way and needs a new fetch: "
+            f"{' or '.join(fixes)}{more}")
 
 
 @contextlib.contextmanager
@@ -73,8 +93,13 @@ def repair(layout: CacheLayout, problems: list[Problem], *, options: ClientOptio
                 report.repaired += 1
                 done.add(prob.sha256)
             elif rec.status in (MirrorStatus.FETCHED, MirrorStatus.CHANGED):
-                fix = fetch_hint(str(h.uri), endpoint=endpoint or h.endpoint, cache_dir=layout, shard=h.shard and str(h.shard))
+                fix = new_fetch_hint(h, endpoint=endpoint, layout=layout)
                 report.failed.append(f"{uri} changed on the server since {path.name} was written; run {fix} for a new manifest")
+            elif rec.status is MirrorStatus.MISSING:
+                # A 404: no repair brings it back; a new fetch pins the listing as it is now.
+                fix = new_fetch_hint(h, endpoint=endpoint, layout=layout)
+                report.failed.append(f"{uri} was deleted on the server since {path.name} was written, so --repair cannot "
+                                     f"fetch it again; run {fix} for a new manifest without it")
             else:
                 report.failed.append(rec.error or f"{uri}: {rec.status.value}")
     if report.repaired:

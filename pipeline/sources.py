@@ -4,12 +4,14 @@ Owns the choice of manifest (``--manifest``, else the newest of ``--prefix``, el
 cache; under DDP the rank's own shard, see :func:`pipeline.distributed.pick_rank_manifest`) and the
 source built from it: the decoded pack (default), the blobs decoded per sample (``--pack off``), or
 S3 streaming through ``DSSDataset`` (``--source s3``). The cache root is resolved once, in
-:func:`cache_layout`, and passed on as a :class:`CacheLayout`.
+:func:`cache_layout`, and passed on as a :class:`CacheLayout`. Also the labels trained on
+(:func:`manifest_labels`): the manifest's as recorded, or recomputed when ``--labels`` names another rule.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from cache.locks import GC_LOCK, cache_lock
 from cache.manifest import ManifestArrays, latest_manifest, load_manifest, manifests_of, read_manifest_header
 from cache.shard import ShardSpec
 from pipeline.batches import PackedBatches, SampleBatches
-from pipeline.config import S3Uri, TrainConfig
+from pipeline.config import LabelRule, S3Uri, TrainConfig
 from pipeline.distributed import DistState, RankShare, pick_rank_manifest
 from pipeline.hints import fetch_hint, verify_hint
 
@@ -46,6 +48,7 @@ class DataSource:
     shard: ShardSpec | None = None
     preview: list[int] = field(default_factory=list)
     fix: str = "check --extensions"
+    labels: str = ""  # the label rule trained with and why, one line (the report prints it)
 
     def key(self, i: int) -> str:
         """The key of sample ``i`` (its index, when streaming)."""
@@ -127,11 +130,12 @@ def _stream_source(config: TrainConfig, layout: CacheLayout, dist_state: DistSta
         h = read_manifest_header(find_manifest(config, layout, dist_state))
         prefix, endpoint = str(h.uri), manifest_endpoint(h.endpoint, endpoint)
     ds = DSSDataset(prefix, options=ClientOptions(endpoint=resolve_endpoint(endpoint)), client_num=config.clients,
-                    load2memory=True, image_size=config.image_size)
+                    load2memory=True, image_size=config.image_size, labels=config.labels)
     keep = image_indices(ds.listing.keys, config.extensions)
     return DataSource(batches=SampleBatches(ds, skip_bad=config.on_bad_sample == "skip"), indices=keep,
                       digest=f"s3:{prefix}", description=f"{prefix} (streaming, {len(keep)} images)",
-                      preview=[int(i) for i in keep[:8]], ignored=np.setdiff1d(np.arange(len(ds)), keep).tolist())
+                      preview=[int(i) for i in keep[:8]], ignored=np.setdiff1d(np.arange(len(ds)), keep).tolist(),
+                      labels=ds.listing.label_choice.line())
 
 
 def _cache_source(config: TrainConfig, layout: CacheLayout, dist_state: DistState,
@@ -146,7 +150,7 @@ def _cache_source(config: TrainConfig, layout: CacheLayout, dist_state: DistStat
         raise FileNotFoundError(f"manifest {path} not found on rank {dist_state.rank}; run `make fetch` on every node")
     if stack is not None:
         stack.enter_context(cache_lock(layout, GC_LOCK, shared=True))
-    manifest = load_manifest(path)
+    manifest, labels_line = manifest_labels(load_manifest(path), config.labels, layout)
     header = manifest.header
     ds = CachedImageDataset(manifest, cache_dir=layout.root, image_size=config.image_size, check_blobs=True,
                             extensions=config.extensions)
@@ -155,6 +159,7 @@ def _cache_source(config: TrainConfig, layout: CacheLayout, dist_state: DistStat
         description=f"{path.name} ({len(ds.image_indices)} images)", manifest=manifest, layout=layout,
         network=header.network_cost, shard=header.shard, ignored=ds.ignored_indices.tolist(),
         fix=f"check --extensions, or run {verify_hint(repair=True, endpoint=header.endpoint, cache_dir=layout)}",
+        labels=labels_line,
     )
     if config.pack == "auto" and not can_use_pack(ds, config.image_size):
         log.warning("the cache at %s is read-only: training without a decoded pack (decoding every epoch)", layout.root)
@@ -166,3 +171,33 @@ def _cache_source(config: TrainConfig, layout: CacheLayout, dist_state: DistStat
         src.description += f", decoded pack {pack.path.name}"
     src.preview = [int(i) for i in src.indices[:8]]
     return src
+
+
+def manifest_labels(manifest: ManifestArrays, rule: LabelRule, layout: CacheLayout) -> tuple[ManifestArrays, str]:
+    """The manifest to train on under ``--labels rule``, and one line saying which labels it carries.
+
+    ``auto`` keeps the labels as the fetch recorded them (its rule was decided over the whole listing); so
+    does the manifest's own rule. Another rule recomputes them from the manifest's keys and prefix
+    (:func:`pipeline.labels.assign_labels`); the records digest is unchanged (labels do not change the data).
+
+    Raises:
+        ValueError: ``folder`` on a shard's manifest that recorded another rule: classes are numbered over
+            the whole listing, which one shard does not hold (the message names the fetch that records it).
+    """
+    from pipeline.labels import assign_labels
+
+    header = manifest.header
+    recorded = header.labels
+    if rule is LabelRule.AUTO or rule == recorded:
+        if recorded is None:
+            return manifest, ("labels: as the manifest holds them (written before tess recorded one label rule per "
+                              "listing; re-fetch it, or pass --labels folder, suffix or none)")
+        classes = f"; {len(header.classes)} classes" if header.classes else ""
+        return manifest, f"labels: {recorded} (as recorded in the manifest{classes})"
+    if rule is LabelRule.FOLDER and header.shard is not None:
+        fix = fetch_hint(str(header.uri), endpoint=header.endpoint, cache_dir=layout, shard=str(header.shard), labels=rule)
+        raise ValueError(f"--labels folder: {manifest.path.name} is shard {header.shard} of its listing, and folder classes "
+                         f"are numbered over the whole listing; run {fix} on every node to record them")
+    labelled = assign_labels(manifest.keys, header.prefix, rule)
+    line = f"{labelled.choice.line()}; recomputed from the manifest's keys (it recorded {recorded or 'no rule'})"
+    return dataclasses.replace(manifest, label=labelled.values), line

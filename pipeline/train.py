@@ -291,7 +291,7 @@ def _summarize(run: _Run, vae: VAE, metrics: MetricsLog, totals: _Totals, train_
         data_wait_share=totals.wait_s / max(totals.batch_s, 1e-12), loss_first50_mean=first50,
         loss_last_epoch_mean=last_mean, bad_samples_skipped=len(skipped_keys), skipped_keys=skipped_keys,
         ignored_keys=len(source.ignored), ignored_examples=[source.key(i) for i in source.ignored[:5]],
-        extensions=list(run.config.extensions),
+        extensions=list(run.config.extensions), labels=source.labels,
         param_sha256=param_digests[0], param_sha256_by_rank=param_digests, params_identical=len(set(param_digests)) == 1,
         config=asdict(run.config), loss_ratio=last_mean / first50 if losses else float("nan"),
     )

@@ -62,6 +62,33 @@ def test_repair_refuses_an_object_changed_on_the_server(s3_server, bucket, put, 
     assert f"make fetch PREFIX=s3://{bucket}/c/ ENDPOINT={s3_server.endpoint} CACHE_DIR={cache_dir}" in proc.stderr
 
 
+def test_verify_tells_a_blob_missing_here_from_an_object_deleted_on_the_server(s3_server, s3_client, bucket, put, options,
+                                                                                cache_dir):
+    put("d/a_0.png", png_bytes(1))
+    put("d/b_1.png", png_bytes(2))
+    m = load_manifest(_fetch(bucket, options, cache_dir, "d/").manifest)
+    os.unlink(CacheLayout(root=cache_dir).blob_path(m.sha_hex(0)))
+    s3_client.delete_object(Bucket=bucket, Key="d/a_0.png")
+    fix = f"make fetch PREFIX=s3://{bucket}/d/ ENDPOINT={s3_server.endpoint} CACHE_DIR={cache_dir}"
+
+    # Plain verify cannot know which it is: it names both fixes.
+    plain = run_cli("verify", "--cache-dir", str(cache_dir), "--no-progress")
+    assert plain.returncode == 1 and "1 missing, 0 corrupted" in plain.stdout
+    assert f"run `make verify REPAIR=1 CACHE_DIR={cache_dir}`" in plain.stderr and "to fetch them again" in plain.stderr
+    assert "an object deleted on the server since the fetch cannot come back that way and needs a new fetch" in plain.stderr
+    assert fix in plain.stderr
+
+    # --repair meets the 404: it says the object was deleted there and names the fetch, not verify --repair again.
+    proc = run_cli("verify", "--cache-dir", str(cache_dir), "--repair", "--no-progress")
+    assert proc.returncode == 1 and "repaired 0 blobs" in proc.stdout
+    assert f"s3://{bucket}/d/a_0.png was deleted on the server since {m.path.name} was written" in proc.stderr
+    assert f"run `{fix}`" in proc.stderr and "for a new manifest without it" in proc.stderr
+    assert "verify REPAIR=1" not in proc.stderr
+    # The new fetch it names heals the cache: verify is clean afterwards.
+    assert _fetch(bucket, options, cache_dir, "d/").summary.listed == 1
+    assert run_cli("verify", "--cache-dir", str(cache_dir), "--no-progress").returncode == 0
+
+
 def test_repair_removes_a_corrupted_blob_it_cannot_fetch_again_and_says_so(s3_server, bucket, put, options, cache_dir):
     put("r/a_0.png", png_bytes(1))
     m = load_manifest(_fetch(bucket, options, cache_dir, "r/").manifest)

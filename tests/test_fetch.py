@@ -16,7 +16,7 @@ from cache.blobs import hash_file
 from pipeline.datasets import DSSDataset
 from pipeline.mirror import MirrorStatus
 from pipeline.fetch import FetchConfig, _keep_list, fetch
-from pipeline.listing import assign_labels, label_from_name
+from pipeline.labels import assign_labels, label_from_name
 from pipeline.transport.listing import list_objects
 from pipeline.server import seed_objects
 from pipeline.config import S3Uri
@@ -162,10 +162,11 @@ def test_label_from_name(key, label):
     assert label_from_name(key) == label
 
 
-def test_labels_fall_back_to_folder_classes_then_minus_one():
-    labels, classes = assign_labels(["p/dog/1.png", "p/cat/2.png", "p/cat/3.png", "p/x_5.png", "p/loose.png"], "p/")
-    assert classes == ["cat", "dog"]
-    assert labels.tolist() == [1, 0, 0, 5, -1]
+def test_labels_never_mix_folder_classes_and_suffixes_in_one_listing():
+    # Before issue 16, per key: [1, 0, 0, 5, -1]. One rule per listing: neither fits every key, so none.
+    labelled = assign_labels(["p/dog/1.png", "p/cat/2.png", "p/cat/3.png", "p/x_5.png", "p/loose.png"], "p/")
+    assert labelled.choice.rule == "none" and labelled.classes == ()
+    assert labelled.values.tolist() == [-1] * 5
 
 
 def test_load2memory_returns_decoded_tensors_with_labels(put, bucket, options):

@@ -28,7 +28,8 @@ N_KEYS = 300
 
 def _items(start: int, stop: int, prefix: str = "sh/"):
     # Distinct contents, so blob counts equal record counts (no dedup in the way of the checks).
-    return [(f"{prefix}cls{i % 4}/obj-{i:05d}.bin", f"object {i}".encode()) for i in range(start, stop)]
+    # Image names (nothing decodes them here), so the label rule has image keys to decide on: class folders.
+    return [(f"{prefix}cls{i % 4}/obj-{i:05d}.png", f"object {i}".encode()) for i in range(start, stop)]
 
 
 def _fetch(bucket, options, cache_dir, shard: ShardSpec | None, prefix: str = "sh/"):
@@ -40,6 +41,7 @@ def test_union_of_shard_manifests_is_the_listing_without_repeats(bucket, options
     seed_objects(bucket, _items(0, N_KEYS))
     full = load_manifest(_fetch(bucket, options, tmp_path / "full", None).manifest)
     assert len(full) == N_KEYS and full.header.shard is None
+    assert full.header.labels == "folder" and sorted(set(full.label.tolist())) == [0, 1, 2, 3]
 
     seen: list[str] = []
     for k in range(3):
@@ -57,6 +59,7 @@ def test_union_of_shard_manifests_is_the_listing_without_repeats(bucket, options
         # Labels (folder classes) are numbered over the whole listing, so every shard agrees with the full one.
         full_label = {full.keys[i]: int(full.label[i]) for i in range(len(full))}
         assert all(int(m.label[i]) == full_label[m.keys[i]] for i in range(len(m)))
+        assert (m.header.labels, m.header.classes) == ("folder", ("cls0", "cls1", "cls2", "cls3"))
         seen += keys
     assert len(seen) == len(set(seen)) == N_KEYS
     assert sorted(seen) == sorted(full.keys)
