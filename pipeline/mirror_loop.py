@@ -87,6 +87,8 @@ def mirror_stream(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef], *, pick:
     abort = threading.Event()
     finished = threading.Event()
     fut = asyncio.run_coroutine_threadsafe(main(), LoopThread.get().loop)
+    batch: list[MirrorRecord] = []  # the group being handed over, and how many of it were
+    given = 0
     try:
         while True:
             try:
@@ -98,7 +100,11 @@ def mirror_stream(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef], *, pick:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield from item
+            batch, given = item, 0
+            for rec in batch:
+                given += 1
+                yield rec
+            batch = []
             stopping.raise_if_requested()
     finally:
         if not finished.is_set():
@@ -108,7 +114,7 @@ def mirror_stream(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef], *, pick:
             fut.cancel()
             finished.wait(_DRAIN_S)
         if leftover is not None:
-            done: list[MirrorRecord] = []
+            done = batch[given:]  # the consumer stopped in the middle of a group (at a FATAL record, say)
             while not out.empty():
                 item = out.get_nowait()
                 if isinstance(item, list):
