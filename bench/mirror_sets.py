@@ -1,10 +1,16 @@
-"""The object sets of the fetch-engine bench (:mod:`bench.mirror_bench`): each one seeded on its own fresh
+"""The object sets of the fetch bench (:mod:`bench.mirror_bench`): each one seeded on its own fresh
 server, then handed over as a :class:`Target` for as long as that server runs.
 
 * :func:`small_set`: random-noise PNGs of about 2.5 KB on s3rver;
+* :func:`tls_set`: the same PNGs on s3rver serving HTTPS with a certificate of a private CA
+  (:func:`tests.certs.make_ca_and_cert`); :attr:`Target.ca_bundle` names that CA;
 * :func:`latency_set`: the same PNGs on s3rver behind :class:`bench.latency_proxy.LatencyProxy` (+20 ms);
 * :func:`large_set`: a few objects of random bytes, ``mb`` MB each, on s3rver;
 * :func:`moto_set`: the demo set on moto's server (``python -m pipeline serve --demo``).
+
+Every client gets :meth:`Target.env`: the bench's environment without any ``AWS_``/``RCLONE_`` variable
+and without the variables that name CA bundles (:data:`CA_VARIABLES`; this machine sets several to the
+system bundle), so on the TLS set only the CA a tool is explicitly handed can make it accept the server.
 """
 
 from __future__ import annotations
@@ -25,11 +31,15 @@ if TYPE_CHECKING:
     from tests.s3rver import S3rverServer
 
 BUCKET = "bench"
+# Variables through which some client could find a CA bundle on its own (AWS_* are dropped by prefix).
+CA_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NIX_SSL_CERT_FILE",
+                "NODE_EXTRA_CA_CERTS", "HTTPLIB2_CA_CERTS", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", "PIP_CERT",
+                "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE", "GIT_SSL_CAINFO")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Target:
-    """Where the objects are: endpoint, ``s3://bucket/prefix/``, count, bytes, credentials."""
+    """Where the objects are: endpoint, ``s3://bucket/prefix/``, count, bytes, credentials, CA (HTTPS only)."""
 
     endpoint: str
     prefix: str
@@ -40,11 +50,15 @@ class Target:
     server_pid: int
     keys: tuple[str, ...] = ()
     counts: Callable[[], Mapping[str, int]] | None = None  # requests served so far, by kind (s3rver only)
+    ca_bundle: str = ""  # PEM of the CA that signed an HTTPS server's certificate; "" for http (or to leave it out)
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
+        """Credentials and region, ``AWS_CA_BUNDLE`` when :attr:`ca_bundle` is set, no other CA variable."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_")) and k not in CA_VARIABLES}
         env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key, AWS_DEFAULT_REGION="us-east-1",
                    AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+        if self.ca_bundle:
+            env["AWS_CA_BUNDLE"] = self.ca_bundle
         return env
 
 
@@ -66,12 +80,15 @@ def png_items(n: int) -> list[Item]:
     return [(f"img-{i:05d}_{i % 10}.png", lambda i=i: noise_png(i)) for i in range(n)]
 
 
-def seed(endpoint: str, prefix: str, items: list[Item]) -> int:
-    """PUT every item under ``bench/<prefix>`` on the s3rver at ``endpoint``; return the bytes sent."""
+def seed(endpoint: str, prefix: str, items: list[Item], ca_bundle: str = "") -> int:
+    """PUT every item under ``bench/<prefix>`` on the s3rver at ``endpoint``; return the bytes sent.
+
+    ``ca_bundle``: the CA that signed an HTTPS server's certificate (boto3 checks it).
+    """
     import boto3
     from tests.s3rver import ACCESS_KEY, SECRET_KEY
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", verify=ca_bundle or None,
                       aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
     try:
         s3.create_bucket(Bucket=BUCKET)
@@ -93,19 +110,21 @@ def seed(endpoint: str, prefix: str, items: list[Item]) -> int:
 
 
 @contextlib.contextmanager
-def _s3rver(scratch: Path, name: str) -> Iterator[S3rverServer]:
+def _s3rver(scratch: Path, name: str, tls: tuple[Path, Path, Path] | None = None) -> Iterator[S3rverServer]:
+    """A fresh s3rver storing under ``scratch``; ``tls``: (certificate, key, CA) to serve HTTPS."""
     from tests.s3rver import S3rverServer, install
 
-    with S3rverServer(modules=install(), directory=scratch / f"s3rver-{name}") as srv:
+    with S3rverServer(modules=install(), directory=scratch / f"s3rver-{name}", tls=tls) as srv:
         yield srv
 
 
-def _s3rver_target(srv: S3rverServer, prefix: str, items: list[Item], total: int, endpoint: str = "") -> Target:
+def _s3rver_target(srv: S3rverServer, prefix: str, items: list[Item], total: int, endpoint: str = "",
+                   ca_bundle: str = "") -> Target:
     from tests.s3rver import ACCESS_KEY, SECRET_KEY
 
     return Target(endpoint=endpoint or srv.endpoint, prefix=f"s3://{BUCKET}/{prefix}", n=len(items), total_bytes=total,
                   access_key=ACCESS_KEY, secret_key=SECRET_KEY, server_pid=srv._proc.pid if srv._proc else 0,
-                  keys=tuple(prefix + k for k, _ in items), counts=lambda: srv.counts)
+                  keys=tuple(prefix + k for k, _ in items), counts=lambda: srv.counts, ca_bundle=ca_bundle)
 
 
 @contextlib.contextmanager
@@ -115,6 +134,19 @@ def small_set(n: int, scratch: Path) -> Iterator[Target]:
         total = seed(srv.endpoint, "small/", items)
         log(f"small set: {n} objects, {total / n:.0f} bytes each on s3rver {srv.endpoint}")
         yield _s3rver_target(srv, "small/", items, total)
+
+
+@contextlib.contextmanager
+def tls_set(n: int, scratch: Path) -> Iterator[Target]:
+    """The small set's PNGs on an s3rver serving HTTPS; the target's ``ca_bundle`` is the private CA."""
+    from tests.certs import make_ca_and_cert
+
+    certs = make_ca_and_cert(scratch / "tls-certs")
+    with _s3rver(scratch, "tls", tls=(certs.cert, certs.key, certs.ca)) as srv:
+        items = png_items(n)
+        total = seed(srv.endpoint, "tls/", items, ca_bundle=str(certs.ca))
+        log(f"tls set: {n} objects, {total / n:.0f} bytes each on s3rver {srv.endpoint} (private CA {certs.ca})")
+        yield _s3rver_target(srv, "tls/", items, total, ca_bundle=str(certs.ca))
 
 
 @contextlib.contextmanager
