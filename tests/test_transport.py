@@ -138,3 +138,36 @@ def test_an_unreachable_endpoint_is_transient_then_fatal():
         _get(getter, "k")
     assert e.value.kind is FailureKind.TRANSIENT and "cannot reach the S3 endpoint" in e.value.message
     assert e.value.fatal_when_exhausted
+
+
+@pytest.mark.parametrize("token", [None, "tok/en+="])
+def test_environment_credentials_are_botocores_without_importing_it(monkeypatch, tmp_path, token):
+    import botocore.session
+
+    from pipeline.transport.client import credentials
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDENV")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    shared = tmp_path / "credentials"
+    shared.write_text("[someone-else]\naws_access_key_id = AKIDFILE\naws_secret_access_key = file-secret\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(shared))
+    monkeypatch.setenv("AWS_PROFILE", "someone-else")  # env keys still win in botocore's chain
+    if token:
+        monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+    else:
+        monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    ours = credentials().get_frozen_credentials()
+    theirs = botocore.session.get_session().get_credentials().get_frozen_credentials()
+    assert (ours.access_key, ours.secret_key, ours.token) == (theirs.access_key, theirs.secret_key, theirs.token)
+    assert type(ours).__name__ == "_EnvKeys"
+
+
+def test_without_any_credentials_the_error_is_one_line(monkeypatch):
+    from pipeline.transport.client import credentials
+    from pipeline.transport.errors import StorageError
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StorageError, match="no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        credentials()

@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 from cache.checks import Expected, checksum_from_head
 from pipeline.config import ClientOptions
 from pipeline.transport import errors, http, s3xml, tls
-from pipeline.transport.errors import FailureKind, GetFailure
+from pipeline.transport.errors import FailureKind, GetFailure, StorageError
 from pipeline.transport.signer import Signer, query_string
 
 T = TypeVar("T")
@@ -68,20 +68,48 @@ class PerProcess(Generic[T]):
         return item
 
 
+@dataclass(frozen=True)
+class _EnvKeys:
+    """A key pair (and session token) from the environment, as botocore's first provider reads it."""
+
+    access_key: str
+    secret_key: str
+    token: str | None
+
+    def get_frozen_credentials(self) -> _EnvKeys:
+        return self
+
+
 def credentials() -> Any:
-    """botocore's resolved (refreshable) credentials; never printed or stored."""
-    import botocore.exceptions
+    """botocore's credential chain, resolved (refreshable credentials are read per request); never
+    printed or stored.
+
+    The chain's first provider is the environment: when it holds a key pair (and no expiry, which makes
+    botocore refresh them), the answer is read here directly, the same as botocore's, without importing
+    botocore (0.27 s of start-up measured: a quarter of a small fetch of 2,000 objects).
+
+    Raises:
+        StorageError: no credentials anywhere in the chain, with the fix.
+    """
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY") and not env.get("AWS_CREDENTIAL_EXPIRATION"):
+        return _EnvKeys(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
+                        env.get("AWS_SESSION_TOKEN") or env.get("AWS_SECURITY_TOKEN") or None)
     import botocore.session
 
     creds = botocore.session.get_session().get_credentials()
     if creds is None:
-        raise botocore.exceptions.NoCredentialsError()
+        raise StorageError("no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
     return creds
 
 
 def region_for(options: ClientOptions) -> str:
+    """The signing region: ``--region``/``ClientOptions.region``, else botocore's (``AWS_DEFAULT_REGION``,
+    read here without botocore when set, then the profile), else us-east-1."""
     if options.region:
         return options.region
+    if os.environ.get("AWS_DEFAULT_REGION"):
+        return os.environ["AWS_DEFAULT_REGION"]
     import botocore.session
 
     return botocore.session.get_session().get_config_variable("region") or "us-east-1"
