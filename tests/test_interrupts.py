@@ -8,7 +8,9 @@ longer knows, through the fault proxy). SIGKILL loses at most the objects in fli
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sqlite3
 import signal
 import subprocess
 import sys
@@ -18,7 +20,6 @@ from collections.abc import Callable
 import pytest
 
 from cache import CacheLayout
-from cache.index import KeyIndex
 from pipeline.server import seed_objects
 from tests.faultproxy import FaultProxy
 from tests.helpers import ROOT, blob_count, run_cli
@@ -49,8 +50,10 @@ def _signal_when_blobs(cmd: list[str], cache_dir, threshold: int, sig: signal.Si
 
 
 def _indexed(cache_dir) -> int:
-    with KeyIndex(CacheLayout(root=cache_dir)) as index:
-        return len(index)
+    """Entries of the key index, read-only (diskcache's own open writes, and a full disk refuses that)."""
+    db = CacheLayout(root=cache_dir).index / "cache.db"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        return con.execute("SELECT COUNT(*) FROM Cache").fetchone()[0]
 
 
 def _check_nothing_lost(endpoint: str, gets: Callable[[], int], uri: str, cache_dir) -> None:
@@ -88,3 +91,26 @@ def test_a_fatal_answer_mid_run_keeps_what_finished(s3_server, bucket, cache_dir
         assert proc.returncode == 2 and "InvalidAccessKeyId" in proc.stderr, proc.stderr
         proxy.always.clear()  # the key is known again: the rerun goes through the same endpoint
         _check_nothing_lost(proxy.endpoint, lambda: proxy.requests_of_kind("GET"), uri, cache_dir)
+
+
+def test_a_full_disk_keeps_what_finished(s3_server, bucket, tmp_path):
+    """The cache on a 2 MB tmpfs fills up half way through: the fetch ends with one line (exit 2), and the
+    blobs that made it are all in the key index (the failed temp file is removed, which frees the room
+    the index needs)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs (the full-disk case)")
+    try:
+        rng = random.Random(9)
+        seed_objects(bucket, ((f"full/k{i:02d}_0.bin", rng.randbytes(150_000)) for i in range(30)))
+        cache_dir = mnt / "cache"
+        proc = run_cli("fetch", f"s3://{bucket}/full/", "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir),
+                       "--no-progress", "--max-connections", "4")
+        assert proc.returncode == 2 and "free space or pass --cache-dir" in proc.stderr, proc.stderr
+        blobs = blob_count(cache_dir)
+        assert 0 < blobs < 30
+        assert _indexed(cache_dir) == blobs, "a blob renamed into the cache is missing from the key index"
+        assert list((cache_dir / "tmp").iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
