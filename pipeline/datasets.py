@@ -115,7 +115,7 @@ class DSSDataset(Dataset):
         """The bytes of objects ``indices``, fetched concurrently on this process's event loop through
         the mirror's checks (listed size and ETag, MD5); spread over the clients in the main process,
         client ``i % c`` in worker ``i``."""
-        mirrors = self._mirrors()
+        mirrors = self._mirrors(None)
 
         async def read_all() -> list[bytes]:
             return await asyncio.gather(*(mirrors[j % len(mirrors)].read(self.listing.object_ref(i))
@@ -152,10 +152,10 @@ class DSSDataset(Dataset):
             self._store_pid = os.getpid()
         return self._store
 
-    def _mirrors(self) -> list[Mirror]:
-        """This process's mirrors: one per client in the main process, client ``i % c`` in worker ``i``."""
+    def _mirrors(self, store: BlobStore | None) -> list[Mirror]:
+        """This process's mirrors: one per client in the main process, client ``i % c`` in worker ``i``
+        (``store`` None: they only read, and the streaming path leaves no cache behind)."""
         info = get_worker_info()
-        store = self._blob_store()
         settings = settings_for(self.options, sync=self.sync)
         if info is not None:
             c = info.id % self.client_num
@@ -164,7 +164,7 @@ class DSSDataset(Dataset):
 
     def _mirror_batch(self, indices: Sequence[int]) -> list[MirrorRecord]:
         """Mirror objects ``indices`` into the cache; the :class:`MirrorRecord` of each, in that order."""
-        records = mirror_all(self._mirrors(), [self.listing.object_ref(i) for i in indices])
+        records = mirror_all(self._mirrors(self._blob_store()), [self.listing.object_ref(i) for i in indices])
         self._record_in_index(records)
         return records
 

@@ -6,9 +6,11 @@
 one typed :class:`MirrorRecord` per object. The body checks live in :mod:`cache.checks`.
 
 Every body is checked against what the listing pinned, never against its own answer's headers alone:
-the listed size, the listed ETag (an answer with another ETag means the object changed: a HEAD says
-whether it did, and the object then fails as CHANGED), the MD5 where that ETag is a plain MD5, the
-server's full-object checksum where it offers one; SHA-256 names the blob.
+the listed size, the listed ETag, the MD5 where that ETag is a plain MD5, the server's full-object
+checksum where it offers one; SHA-256 names the blob. An answer with another ETag (or a 412 to a part's
+``If-Match``) means the object may have changed: a HEAD decides. If it did, the object is fetched at the
+version the HEAD names, which is then what the record pins (at most ``max_versions`` times, then it
+fails as CHANGED); if it did not, the answer was wrong and is retried.
 
 * Small objects (below ``MirrorSettings.large_threshold``): one GET, hashed as it arrives.
 * Large objects: a HEAD (size, ETag, S3 additional checksum, which must match the listing), then
@@ -32,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 from cache.blobs import BlobStore
 from cache.checks import BodyCheckError, BodyHasher, Checksum, Expected, same_etag
@@ -77,16 +79,19 @@ _STATUS_OF_KIND = {FailureKind.MISSING: MirrorStatus.MISSING, FailureKind.FATAL:
 
 
 class Mirror:
-    """Mirror objects of one bucket into ``store`` through ``getter`` (both owned by the caller)."""
+    """Mirror objects of one bucket into ``store`` through ``getter`` (both owned by the caller).
 
-    def __init__(self, store: BlobStore, getter: Getter, settings: MirrorSettings, *, client: int = 0,
+    Without a store the mirror only reads (:meth:`read`: the streaming dataset, which leaves no cache).
+    """
+
+    def __init__(self, store: BlobStore | None, getter: Getter, settings: MirrorSettings, *, client: int = 0,
                  worker: int = -1, cache_root: str = "") -> None:
         self.store = store
         self.getter = getter
         self.settings = settings
         self.client = client
         self.worker = worker
-        self._cache_root = cache_root or str(store.layout.root)
+        self._cache_root = cache_root or (str(store.layout.root) if store is not None else "")
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
         self._ranges: asyncio.Semaphore | None = None  # ranged GETs in flight over all large objects
@@ -102,6 +107,8 @@ class Mirror:
         An object that is no longer the listed version (a HEAD says so) is fetched at its new version,
         which the record then pins (ETag, size, LastModified), at most ``max_versions`` times.
         """
+        if self.store is None:
+            raise RuntimeError("this Mirror has no BlobStore: it only reads (Mirror.read)")
         tries = _Attempts()
         base = dict(index=ref.index, key=ref.key, size=ref.size, etag=ref.etag, last_modified=ref.last_modified,
                     label=ref.label, client=self.client, worker=self.worker)
@@ -193,7 +200,7 @@ class Mirror:
             await self._changed(ref, body.etag)
         return body
 
-    async def _changed(self, ref: ObjectRef, answered: str) -> None:
+    async def _changed(self, ref: ObjectRef, answered: str) -> NoReturn:
         """An answer named another version than ``ref``'s: a HEAD says whether the object really changed
         (:class:`_NewVersion`) or the answer was wrong (a transient failure)."""
         now: Expected = await self.getter.head(ref.key)
@@ -258,7 +265,6 @@ class Mirror:
                     raise
                 # A part answered 412 to If-Match: the object was replaced while its parts came in.
                 await self._changed(ref, "a newer version (412 to If-Match)")
-                raise  # not reached: _changed raises
 
         return await self._retrying(whole, tries)
 

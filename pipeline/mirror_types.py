@@ -23,7 +23,7 @@ class MirrorStatus(enum.Enum):
     CACHED = "cached"  # the cache already held it (decided by the caller, e.g. the key index)
     MISSING = "missing"  # gone since the listing (404)
     DENIED = "denied"  # 403 for this object only (e.g. a bucket policy); others may still succeed
-    CHANGED = "changed"  # its ETag or size differs from the listing's: a new fetch pins the new version
+    CHANGED = "changed"  # it kept changing while it was fetched (max_versions new versions); others may succeed
     FAILED = "failed"  # this object failed after its retries; others may still succeed
     FATAL = "fatal"  # a problem every object would hit (credentials, bucket, endpoint, local disk)
 

@@ -19,8 +19,9 @@ def settings_for(options: ClientOptions, **overrides: Any) -> MirrorSettings:
     return MirrorSettings(concurrency=options.max_connections, max_attempts=options.max_attempts, **overrides)
 
 
-def make_mirror(options: ClientOptions, bucket: str, store: BlobStore, *, client: int = 0, worker: int = -1,
+def make_mirror(options: ClientOptions, bucket: str, store: BlobStore | None, *, client: int = 0, worker: int = -1,
                 settings: MirrorSettings | None = None) -> Mirror:
-    """A :class:`~pipeline.mirror.Mirror` of ``bucket`` over client ``client`` of this process."""
+    """A :class:`~pipeline.mirror.Mirror` of ``bucket`` over client ``client`` of this process (without a
+    ``store``, one that only reads)."""
     return Mirror(store, BucketClient(client_for(options, client), bucket), settings or settings_for(options),
                   client=client, worker=worker)

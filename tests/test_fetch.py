@@ -169,6 +169,15 @@ def test_labels_never_mix_folder_classes_and_suffixes_in_one_listing():
     assert labelled.values.tolist() == [-1] * 5
 
 
+def test_streaming_leaves_no_cache_behind(put, bucket, options, tmp_path):
+    put("st/a_1.png", png_bytes(1))
+    cache_dir = tmp_path / "never-made"
+    ds = DSSDataset(f"s3://{bucket}/st/", options=options, cache_dir=cache_dir, image_size=None)
+    x, y = ds[0]
+    assert x.shape == (3, 8, 8) and y == 1
+    assert not cache_dir.exists(), "load2memory=True wrote a cache skeleton"
+
+
 def test_load2memory_returns_decoded_tensors_with_labels(put, bucket, options):
     images = {}
     for i in range(12):
