@@ -19,7 +19,7 @@ from pathlib import Path
 from cache.blobs import BlobWriteError
 from cache.layout import CacheLayout
 from pipeline import stopping
-from pipeline.config import EMBEDDED_DEMO, ClientOptions, LabelRule, S3Uri, resolve_endpoint
+from pipeline.config import DEFAULT_LABELS, EMBEDDED_DEMO, ClientOptions, LabelRule, S3Uri, resolve_endpoint
 from pipeline.hints import fetch_hint, verify_hint
 from pipeline.mirror import MirrorSettings as FetchDefaults, SyncPolicy
 from pipeline.transport.errors import StorageError
@@ -91,8 +91,6 @@ def _byte_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.fetch import FetchConfig
-
     parser = argparse.ArgumentParser(prog="tess", description="tess: mirror S3 prefixes into a content-addressed cache.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -113,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.add_argument("--sync", choices=[p.value for p in SyncPolicy], default=FetchDefaults.sync.value,
                    help=f"when blobs become durable: fsync each, or one syncfs before the manifest (default {FetchDefaults.sync.value}; README Guarantees)")
-    f.add_argument("--labels", choices=[r.value for r in LabelRule], default=FetchConfig.labels.value,
+    f.add_argument("--labels", choices=[r.value for r in LabelRule], default=DEFAULT_LABELS.value,
                    help="one label rule for the whole listing: auto (class folders when every image key lies in one, "
                         "else the _<int> suffix when every image key has one, else none), folder, suffix or none "
-                        f"(-1 for all); recorded in the manifest (default {FetchConfig.labels.value})")
+                        f"(-1 for all); recorded in the manifest (default {DEFAULT_LABELS.value})")
     add_client_args(f)
 
     s = sub.add_parser("serve", help="run the embedded S3 server (moto) with the demo set in the foreground")

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from cache.uri import S3Uri
 
 __all__ = ["AWS_ENDPOINT", "EMBEDDED_DEMO", "IMG_EXTENSIONS", "ClientOptions", "LabelRule", "S3Uri", "TrainConfig",
-           "check_endpoint", "label_rule", "manifest_endpoint", "parse_extensions", "redact_url", "resolve_endpoint"]
+           "DEFAULT_LABELS", "check_endpoint", "label_rule", "manifest_endpoint", "parse_extensions", "redact_url", "resolve_endpoint"]
 
 ENV_ENDPOINTS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 RETRY_MODES = ("standard", "adaptive", "legacy")
@@ -165,6 +165,10 @@ class LabelRule(enum.StrEnum):
     NONE = "none"  # -1 for every key
 
 
+# The one default of --labels: fetch (FetchConfig), training (TrainConfig) and both command lines read it.
+DEFAULT_LABELS = LabelRule.AUTO
+
+
 def label_rule(value: str) -> LabelRule:
     """``value`` as a :class:`LabelRule`; ValueError naming the choices otherwise."""
     try:
@@ -210,7 +214,7 @@ class TrainConfig:
     threads: int = 1
     extensions: tuple[str, ...] = IMG_EXTENSIONS
     # auto with --source cache: the manifest's labels as recorded at fetch time (pipeline.sources).
-    labels: LabelRule = LabelRule.AUTO
+    labels: LabelRule = DEFAULT_LABELS
 
     def __post_init__(self) -> None:
         checks = [

@@ -31,7 +31,7 @@ from cache.layout import CacheLayout
 from cache.locks import GC_LOCK, cache_lock
 from cache.manifest import ManifestRecord, write_manifest
 from cache.shard import ShardSpec, shard_mask
-from pipeline.config import ClientOptions, LabelRule, S3Uri, label_rule
+from pipeline.config import DEFAULT_LABELS, ClientOptions, LabelRule, S3Uri, label_rule
 from pipeline.labels import LabelChoice
 from pipeline.listing import Listing
 from pipeline.mirror import MirrorRecord, MirrorSettings, MirrorStatus, SyncPolicy
@@ -81,7 +81,7 @@ class FetchConfig:
     max_cache_bytes: int | None = None
     shard: ShardSpec | None = None
     sync: SyncPolicy = MirrorSettings.sync
-    labels: LabelRule = LabelRule.AUTO
+    labels: LabelRule = DEFAULT_LABELS
 
     def __post_init__(self) -> None:
         S3Uri.parse(self.prefix)
