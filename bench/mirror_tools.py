@@ -14,6 +14,11 @@ and each tool's command and environment, including how each one is handed the TL
 
 s3torchconnector is left out of the TLS set: it has no CA option (its CRT client reads only
 ``SSL_CERT_FILE``/``SSL_CERT_DIR``, and retries an unknown CA for minutes instead of failing).
+
+The no-op re-fetch (:attr:`Tool.noop_command`): tess runs its own fetch again over the cache it filled;
+s5cmd runs ``s5cmd sync 's3://bucket/prefix/*' DEST/`` onto the folder its ``cp`` filled (sizes and
+modification times match, so it sends no GET: the bench checks that with the server's counts).
+:func:`startup_command` is ``python -m pipeline fetch --help`` in tess's venv (the start-up row).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class Tool:
     command: Callable[[Target, Path], list[str]]  # (target, destination folder) -> argv
     env: Callable[[Target, Path], dict[str, str]] = lambda t, scratch: t.env()  # (target, scratch folder) -> environment
     cwd: Path = ROOT
+    # How it brings a complete copy up to date (the no-op re-fetch): None = run :attr:`command` again.
+    noop_command: Callable[[Target, Path], list[str]] | None = None
 
 
 # -- installs -----------------------------------------------------------------------------------------
@@ -101,6 +108,18 @@ def tess_tool(name: str, *extra: str, cwd: Path = ROOT, extra_env: Callable[[Tar
 
     return Tool(name=name, cwd=cwd, env=env, command=lambda t, d: [
         PYTHON, "-m", "pipeline", "fetch", t.prefix, "--endpoint", t.endpoint, "--cache-dir", str(d), "--no-progress", *extra])
+
+
+def startup_command() -> list[str]:
+    """tess's start-up alone: ``python -m pipeline fetch --help`` with tess's venv python."""
+    return [PYTHON, "-m", "pipeline", "fetch", "--help"]
+
+
+def s5cmd_tool(s5cmd: str) -> Tool:
+    """``s5cmd cp 's3://bucket/prefix/*' DEST/`` (its default 256 workers); no-op: ``s5cmd sync`` of the same."""
+    return Tool(name="s5cmd cp (256 workers)",
+                command=lambda t, d: [s5cmd, "--endpoint-url", t.endpoint, "cp", f"{t.prefix}*", f"{d}/"],
+                noop_command=lambda t, d: [s5cmd, "--endpoint-url", t.endpoint, "sync", f"{t.prefix}*", f"{d}/"])
 
 
 def old_tess(commit: str, label: str, scratch: Path, notes: list[str]) -> Tool | None:
@@ -186,8 +205,7 @@ def make_tools(wanted: list[str], scratch: Path, notes: list[str]) -> dict[str, 
         elif name == "tess-base":
             tools[name] = old_tess(BASE_COMMIT, "boto3 + urllib3, 8 threads", scratch, notes)
         elif name == "s5cmd" and s5cmd:
-            tools[name] = Tool(name="s5cmd cp (256 workers)", command=lambda t, d, s=s5cmd: [
-                s, "--endpoint-url", t.endpoint, "cp", f"{t.prefix}*", f"{d}/"])
+            tools[name] = s5cmd_tool(s5cmd)
         elif name == "rclone":
             rclone, note = ensure_rclone()
             notes.append(note)

@@ -33,7 +33,7 @@ def tables_for(name: str, n: int) -> list[str]:
         "fetch": [f"fetch_cold_n{n}", f"fetch_noop_n{n}"],
         "input": [f"input_n{n}", f"decode_n{n}"],
         "train": [f"train_n{n}", f"train_n{n}_t1"],
-        "scale": ["scale_manifest_1000000", "scale_workers_1000000"],
+        "scale": ["scale", "scale_targets", "scale_manifest_1000000", "scale_workers_1000000"],
     }[name]
 
 

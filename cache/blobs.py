@@ -14,12 +14,13 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cache.atomic import TEMP_SUFFIX
 from cache.checks import BodyCheckError, BodyHasher, Expected, md5_from_etag
 from cache.layout import CacheLayout
 
-__all__ = ["BlobStore", "BlobWriteError", "BlobWriter", "hash_file", "md5_from_etag", "sync_filesystem"]
+__all__ = ["BlobStore", "BlobWriteError", "BlobWriter", "hash_file", "md5_from_etag", "start_writeback", "sync_filesystem"]
 
 CHUNK = 1 << 20
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -67,8 +68,16 @@ class BlobWriter:
         self._hasher.update(chunk)
 
     def append(self, chunks: Sequence[bytes | memoryview]) -> None:
-        """Write and hash ``chunks``, the next bytes of the body (e.g. one ranged GET's body)."""
+        """Write and hash ``chunks``, the next bytes of the body (e.g. one ranged GET's body).
+
+        When the blob will be fsynced, the device starts writing these bytes now (``sync_file_range``), so
+        the fsync at :meth:`commit` waits for the last part only, not for the whole object.
+        """
+        start = self._hasher.size
         self._hasher.update_many(chunks, also=self._f.write)
+        if self._fsync:
+            self._f.flush()
+            start_writeback(self._f.fileno(), start, self._hasher.size - start)
 
     def commit(self) -> tuple[str, bool]:
         """Check, fsync (unless the store syncs once later) and move the blob into place.
@@ -169,6 +178,33 @@ class BlobStore:
         """True when the blob exists and its bytes still hash to its name."""
         p = self.path(sha256_hex)
         return p.is_file() and hash_file(p) == sha256_hex
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
+
+
+def _libc_sync_file_range() -> Any:
+    import ctypes
+
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_sync_file_range: Any = None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``length`` bytes at ``offset`` of ``fd`` to the device, without waiting
+    (Linux ``sync_file_range``; elsewhere nothing): durability still comes from the later fsync, which then
+    has less left to wait for. Measured on 4 x 512 MB (in-process fetch, 3 pairs): 12.3 against 12.9 s median
+    wall, within this machine's noise (one pair went the other way); kept because it never waits."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = _libc_sync_file_range() or False
+    if _sync_file_range and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only loses the head start
 
 
 def sync_filesystem(path: str | os.PathLike[str]) -> None:

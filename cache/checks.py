@@ -2,8 +2,9 @@
 
 A body is accepted only when its byte count equals the expected size (the listing's), its MD5 equals the ETag
 when the ETag is a plain MD5 (single-part uploads without SSE-KMS), and its S3 additional checksum
-(``x-amz-checksum-crc32`` / ``-crc32c`` / ``-sha1`` / ``-sha256``, full-object only) matches when the
-server offered one. Its SHA-256 is always computed: it names the blob. ``hashlib`` and ``zlib`` release
+(``x-amz-checksum-crc64nvme`` / ``-crc32`` / ``-crc32c`` / ``-sha1`` / ``-sha256``, full-object only)
+matches when the server offered one (CRC64NVME, AWS's default for new uploads since 2025, and CRC32C
+are computed by awscrt, the library botocore uses for them: 0.2 ms/MB here, against 0.5 for zlib's CRC32). Its SHA-256 is always computed: it names the blob. ``hashlib`` and ``zlib`` release
 the GIL on large buffers, so hashing may overlap network I/O in other threads.
 """
 
@@ -29,8 +30,9 @@ class BodyCheckError(Exception):
 
 
 class ChecksumAlgorithm(enum.Enum):
-    """S3 additional checksums tess can verify (CRC32C only where a ``crc32c`` module is installed)."""
+    """S3 additional checksums tess can verify (CRC64NVME and CRC32C where awscrt is installed)."""
 
+    CRC64NVME = "CRC64NVME"
     CRC32 = "CRC32"
     CRC32C = "CRC32C"
     SHA1 = "SHA1"
@@ -71,36 +73,43 @@ def checksum_from_head(head: dict[str, Any]) -> Checksum | None:
         return None
     for alg in ChecksumAlgorithm:
         value = head.get(f"Checksum{alg.value}")
-        if value and "-" not in str(value) and (alg is not ChecksumAlgorithm.CRC32C or _crc32c() is not None):
+        if value and "-" not in str(value) and (alg not in _CRT_ALGORITHMS or _crt() is not None):
             return Checksum(alg, str(value))
     return None
 
 
-def _crc32c() -> Any:
+_CRT_ALGORITHMS = (ChecksumAlgorithm.CRC64NVME, ChecksumAlgorithm.CRC32C)
+
+
+def _crt() -> Any:
+    """awscrt's checksums (imported on first use: most bodies have none of these), or None."""
     try:
-        import crc32c  # type: ignore[import-not-found]
+        from awscrt import checksums
     except ImportError:
         return None
-    return crc32c
+    return checksums
 
 
 class _Crc:
-    def __init__(self, fn: Any) -> None:
+    def __init__(self, fn: Any, width: int) -> None:
         self._fn = fn
+        self._width = width
         self._v = 0
 
     def update(self, data: bytes | memoryview) -> None:
         self._v = self._fn(data, self._v)
 
     def digest(self) -> bytes:
-        return self._v.to_bytes(4, "big")
+        return self._v.to_bytes(self._width, "big")
 
 
 def _hasher(alg: ChecksumAlgorithm) -> Any:
     if alg is ChecksumAlgorithm.CRC32:
-        return _Crc(zlib.crc32)
+        return _Crc(zlib.crc32, 4)
     if alg is ChecksumAlgorithm.CRC32C:
-        return _Crc(_crc32c().crc32c)
+        return _Crc(_crt().crc32c, 4)
+    if alg is ChecksumAlgorithm.CRC64NVME:
+        return _Crc(_crt().crc64nvme, 8)
     return hashlib.new(alg.value.lower())
 
 

@@ -2,6 +2,10 @@
 
 Every failure the user can fix ends in one line on stderr (``tess: error: ...``) and a non-zero exit:
 2 for bad input or refused access, 3 for a fetch that left some objects out.
+
+Start-up: this module imports only what building the parser needs (stdlib, :mod:`pipeline.config`); each
+command imports what it uses when it runs, so ``fetch --help`` or a mistyped flag answers in tens of
+milliseconds, without numpy, boto3, torch, tqdm or the mirror (tests/test_startup.py).
 """
 
 from __future__ import annotations
@@ -9,22 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import logging
 import os
-import sqlite3
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from cache.blobs import BlobWriteError
-from cache.layout import CacheLayout
-from pipeline import stopping
-from pipeline.config import DEFAULT_LABELS, EMBEDDED_DEMO, ClientOptions, LabelRule, S3Uri, resolve_endpoint
-from pipeline.hints import fetch_hint, verify_hint
-from pipeline.mirror import MirrorSettings as FetchDefaults, SyncPolicy
-from pipeline.transport.errors import StorageError
-
-log = logging.getLogger("tess")
+from pipeline.config import (
+    DEFAULT_LABELS, DEFAULT_SYNC, EMBEDDED_DEMO, ClientOptions, LabelRule, S3Uri, SyncPolicy, resolve_endpoint,
+)
 
 DEFAULT_DEMO_N = 5000
 
@@ -109,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-cache-bytes", type=_byte_size, default=os.environ.get("CACHE_MAX_BYTES") or None,
                    help="after the fetch, evict down to this size (e.g. 500M, 20G; default $CACHE_MAX_BYTES, no cap)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
-    f.add_argument("--sync", choices=[p.value for p in SyncPolicy], default=FetchDefaults.sync.value,
-                   help=f"when blobs become durable: fsync each, or one syncfs before the manifest (default {FetchDefaults.sync.value}; README Guarantees)")
+    f.add_argument("--sync", choices=[p.value for p in SyncPolicy], default=DEFAULT_SYNC.value,
+                   help=f"when blobs become durable: fsync each, or one syncfs before the manifest (default {DEFAULT_SYNC.value}; README Guarantees)")
     f.add_argument("--labels", choices=[r.value for r in LabelRule], default=DEFAULT_LABELS.value,
                    help="one label rule for the whole listing: auto (class folders when every image key lies in one, "
                         "else the _<int> suffix when every image key has one, else none), folder, suffix or none "
@@ -170,7 +165,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _run_fetch(args: argparse.Namespace, prefix: str, options: ClientOptions, label: str | None) -> int:
-    from pipeline.fetch import FetchConfig, fetch
+    # SyncPolicy as the fetch stage imports it (pipeline.mirror), whatever module defines it.
+    from pipeline.fetch import FetchConfig, SyncPolicy, fetch
 
     config = FetchConfig(
         prefix=prefix, options=options, cache_dir=args.cache_dir, workers=args.workers, clients=args.clients,
@@ -204,6 +200,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from pipeline.upload import files_under, upload_folder
 
     root = Path(args.folder)
@@ -222,6 +220,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 def cmd_clean_cache(args: argparse.Namespace) -> int:
     from cache.clean import clean_cache
+    from cache.layout import CacheLayout
 
     layout = CacheLayout.at(args.cache_dir)
     if not layout.root.exists():
@@ -238,7 +237,9 @@ def cmd_clean_cache(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from cache.layout import CacheLayout
     from cache.verify import remove_corrupted, verify_cache
+    from pipeline.hints import fetch_hint, verify_hint
 
     layout = CacheLayout.at(args.cache_dir)
     if not layout.manifests.is_dir():
@@ -283,6 +284,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from cache.gc import cache_stats
+    from cache.layout import CacheLayout
 
     s = cache_stats(CacheLayout.at(args.cache_dir))
     print(f"cache {s.root}")
@@ -319,8 +321,17 @@ COMMANDS = {"fetch": cmd_fetch, "serve": cmd_serve, "upload": cmd_upload, "verif
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="tess: %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    # Imported once the command line is parsed: ``--help`` and a bad flag exit above without them (logging,
+    # sqlite3, the signal handling and cache.blobs' body checks cost ~45 ms of start-up; tests/test_startup.py).
+    import logging
+    import sqlite3
+
+    from cache.blobs import BlobWriteError
+    from pipeline import stopping
+    from pipeline.transport.errors import StorageError
+
+    logging.basicConfig(level=logging.WARNING, format="tess: %(levelname)s: %(message)s")
     # Ctrl-C and SIGTERM end a fetch at a safe point, so that what finished is kept.
     deferred = stopping.deferred() if args.command == "fetch" else contextlib.nullcontext()
     try:

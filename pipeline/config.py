@@ -5,6 +5,7 @@
   environment or a manifest's endpoint label becomes a URL.
 * :class:`TrainConfig`: every flag of ``train_vae.py``; the command line is derived from its defaults.
 * :class:`LabelRule`: the values of ``--labels`` (fetch and training); the rule itself is :mod:`pipeline.labels`.
+* :class:`SyncPolicy`: the values of ``fetch --sync``; the mirror (:mod:`pipeline.mirror`) applies them.
 
 Credentials never appear here: boto3's standard chain (environment, profile, instance role) supplies
 them, and nothing in tess prints or stores them. This module imports neither boto3 nor torch.
@@ -21,8 +22,8 @@ from urllib.parse import urlsplit
 
 from cache.uri import S3Uri
 
-__all__ = ["AWS_ENDPOINT", "EMBEDDED_DEMO", "IMG_EXTENSIONS", "ClientOptions", "LabelRule", "S3Uri", "TrainConfig",
-           "DEFAULT_LABELS", "check_endpoint", "label_rule", "manifest_endpoint", "parse_extensions", "redact_url", "resolve_endpoint"]
+__all__ = ["AWS_ENDPOINT", "EMBEDDED_DEMO", "IMG_EXTENSIONS", "ClientOptions", "LabelRule", "S3Uri", "SyncPolicy",
+           "TrainConfig", "DEFAULT_LABELS", "DEFAULT_SYNC", "check_endpoint", "label_rule", "manifest_endpoint", "parse_extensions", "redact_url", "resolve_endpoint"]
 
 ENV_ENDPOINTS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 RETRY_MODES = ("standard", "adaptive", "legacy")
@@ -177,6 +178,25 @@ def label_rule(value: str) -> LabelRule:
         raise ValueError(f"labels={value!r} must be one of {', '.join(LabelRule)} (--labels, LABELS=)") from None
 
 
+class SyncPolicy(enum.Enum):
+    """When blobs become durable (``fetch --sync``; README "Guarantees").
+
+    Here, beside the other flag values, and not in :mod:`pipeline.mirror_types` (which re-exports it): the
+    command line builds ``--sync`` from it, and importing the mirror's vocabulary costs 30-40 ms of start-up
+    (the body checks, thread pools) that ``fetch --help`` never needs.
+    """
+
+    PER_BLOB = "per-blob"  # fsync every blob before its rename
+    # One syncfs of the cache filesystem before the manifest is written (blobs fetched in ranges, at
+    # least large_threshold bytes, are still fsynced each, off the event loop, where it overlaps downloads).
+    BEFORE_MANIFEST = "before-manifest"
+
+
+# The one default of --sync (MirrorSettings.sync, and through it FetchConfig.sync, and the command line). Measured
+# (README "Guarantees"): one syncfs before the manifest costs a fraction of an fsync per blob.
+DEFAULT_SYNC = SyncPolicy.BEFORE_MANIFEST
+
+
 SOURCES = ("cache", "s3")
 PACK_MODES = ("auto", "on", "off")
 BAD_SAMPLE_MODES = ("stop", "skip")
@@ -215,6 +235,10 @@ class TrainConfig:
     extensions: tuple[str, ...] = IMG_EXTENSIONS
     # auto with --source cache: the manifest's labels as recorded at fetch time (pipeline.sources).
     labels: LabelRule = DEFAULT_LABELS
+    # --source s3: batches each DataLoader process keeps in flight ahead of the one asked for (pipeline.readahead).
+    prefetch: int = 2
+    # --source s3: store the streamed bodies in the cache and pin them in a manifest after the first epoch.
+    cache_as_you_go: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -223,6 +247,8 @@ class TrainConfig:
             (0 <= self.workers <= 64, f"workers={self.workers} must be between 0 and 64 (-w/--workers)"),
             (self.clients >= 1, f"clients={self.clients} must be >= 1 (-c/--clients)"),
             (self.threads >= 0, f"threads={self.threads} must be >= 0 (--threads; 0 = torch's default)"),
+            (0 <= self.prefetch <= 64, f"prefetch={self.prefetch} must be between 0 and 64 (--prefetch)"),
+            (not self.cache_as_you_go or self.source == "s3", "--cache-as-you-go applies to --source s3 only"),
             (self.lr > 0 and math.isfinite(self.lr), f"lr={self.lr} must be a positive number (--lr)"),
             (self.source in SOURCES, f"source={self.source!r} must be one of {', '.join(SOURCES)} (--source)"),
             (self.pack in PACK_MODES, f"pack={self.pack!r} must be one of {', '.join(PACK_MODES)} (--pack)"),

@@ -2,6 +2,10 @@
 
 ``DSSDataset(load2memory=True)`` streams: every ``__getitem__`` GETs one object and decodes it in memory
 (a batch's GETs run concurrently on the process's event loop, with the mirror's checks, nothing stored).
+With the batches of :meth:`DSSDataset.sampler` (or any :class:`~pipeline.readahead.ReadAheadSampler`) each
+process also keeps its next ``prefetch`` batches in flight (:mod:`pipeline.readahead`); with
+``cache_as_you_go`` the bodies land in the cache as the fetch stage stores them, and objects the key index
+already knows are read from disk (:meth:`DSSDataset.write_manifest` pins them after the first epoch).
 ``DSSDataset(load2memory=False)`` mirrors: every item lands in the content-addressed cache and the item
 is its :class:`~pipeline.mirror.MirrorRecord`; the fetch stage drives it with a DataLoader for ``-w N``.
 ``CachedImageDataset`` (:mod:`pipeline.cached_dataset`, re-exported here) trains from a manifest and the
@@ -12,32 +16,49 @@ Images are decoded with Pillow (see :func:`pipeline.images.decode_rgb`).
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import logging
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from cache.blobs import BlobStore
+from cache.blobs import BlobStore, sync_filesystem
 from cache.index import KeyIndex
 from cache.layout import CacheLayout
+from cache.manifest import ManifestRecord
+from cache.manifest import write_manifest as _write_manifest
 from pipeline.config import ClientOptions, LabelRule, S3Uri, label_rule
 from pipeline.images import DefaultTransform as _DefaultTransform
 from pipeline.images import UndecodableImage, decode_rgb, to_float  # noqa: F401 - re-exported: the research code used them
 from pipeline.listing import Listing
-from pipeline.mirror import GetFailure, Mirror, MirrorRecord, MirrorStatus, SyncPolicy
+from pipeline.mirror import FailureKind, GetFailure, Mirror, MirrorRecord, MirrorStatus, SyncPolicy
 from pipeline.mirror_loop import mirror_all
 from pipeline.mirrors import make_mirror, settings_for
-from pipeline.transport import loop
+from pipeline.readahead import Prefetcher, ReadAheadPlan, ReadAheadSampler, SequentialBatches, TaggedBatch
 from pipeline.transport.errors import StorageError
 from pipeline.transport.listing import list_objects
 
 log = logging.getLogger(__name__)
 Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One process's streaming state (made on first use in each process, never crossing a fork)."""
+
+    pid: int
+    mirrors: list[Mirror]
+    prefetcher: Prefetcher
+    blobs: dict[int, str] = field(default_factory=dict)  # sample -> sha256 of its blob (cache_as_you_go)
+    unknown: set[int] = field(default_factory=set)  # samples the key index did not know, this epoch
+    epoch: int = -1
 
 
 class DSSDataset(Dataset):
@@ -59,6 +80,11 @@ class DSSDataset(Dataset):
         sync: when mirrored blobs become durable (the fetch stage syncs once before its manifest).
         labels: the label rule (:mod:`pipeline.labels`), decided over the whole listing; the choice and its
             reason are ``listing.label_choice``. Ignored when ``listing`` is given (it is already labelled).
+        prefetch: ``load2memory=True`` with the batches of a :class:`ReadAheadSampler`: batches of this
+            process kept in flight ahead of the one asked for (0: each batch's GETs only).
+        cache_as_you_go: ``load2memory=True`` also stores every body in the cache under ``cache_dir``
+            (:meth:`Mirror.one`, every check of the fetch stage) and records it in the key index; objects
+            the key index knows are read from disk, checked against their SHA-256.
     """
 
     def __init__(
@@ -76,10 +102,14 @@ class DSSDataset(Dataset):
         endpoint_label: str | None = None,
         sync: SyncPolicy = SyncPolicy.PER_BLOB,
         labels: LabelRule | str = LabelRule.AUTO,
+        prefetch: int = 2,
+        cache_as_you_go: bool = False,
     ) -> None:
         super().__init__()
         if client_num < 1:
             raise ValueError(f"client_num={client_num} must be >= 1 (use -c 1 or more)")
+        if prefetch < 0:
+            raise ValueError(f"prefetch={prefetch} must be >= 0 (--prefetch)")
         self.uri = S3Uri.parse(prefix)
         self.options = options or ClientOptions()
         self.client_num = client_num
@@ -94,6 +124,10 @@ class DSSDataset(Dataset):
             if len(listing) == 0:
                 raise StorageError(f"no objects under {self.uri}; check PREFIX (keys are case-sensitive)")
         self.listing = listing
+        self.prefetch = prefetch
+        self.cache_as_you_go = cache_as_you_go
+        self._plan: ReadAheadPlan | None = None
+        self._stream_state: _Stream | None = None
         self._store: BlobStore | None = None
         self._index: KeyIndex | None = None
         self._store_pid = -1
@@ -105,26 +139,11 @@ class DSSDataset(Dataset):
         # Spawned workers get the listing and options only; clients, the blob store and the key
         # index are rebuilt lazily in each process (they hold sockets and SQLite handles).
         state = self.__dict__.copy()
-        state.update(_store=None, _index=None, _store_pid=-1)
+        state.update(_store=None, _index=None, _store_pid=-1, _stream_state=None)
         return state
 
     def _uri(self, i: int) -> str:
         return self.uri.key_uri(self.listing.keys[i])
-
-    def _read(self, indices: Sequence[int]) -> list[bytes]:
-        """The bytes of objects ``indices``, fetched concurrently on this process's event loop through
-        the mirror's checks (listed size and ETag, MD5); spread over the clients in the main process,
-        client ``i % c`` in worker ``i``."""
-        mirrors = self._mirrors(None)
-
-        async def read_all() -> list[bytes]:
-            return await asyncio.gather(*(mirrors[j % len(mirrors)].read(self.listing.object_ref(i))
-                                          for j, i in enumerate(indices)))
-
-        try:
-            return loop.run(read_all())
-        except GetFailure as e:
-            raise StorageError(e.message) from None
 
     def _decode(self, i: int, data: bytes) -> tuple[torch.Tensor, int]:
         try:
@@ -138,10 +157,169 @@ class DSSDataset(Dataset):
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-        """A batch, its objects fetched concurrently on the event loop: decoded, or mirrored into the cache."""
+        """A batch, its objects fetched concurrently on the event loop: decoded, or mirrored into the cache.
+
+        torch's DataLoader calls this with each whole batch (``batch_sampler=ds.sampler(...)``); a batch of
+        :meth:`sampler` also starts this process's next ``prefetch`` batches.
+        """
         if not self.load2memory:
             return self._mirror_batch(indices)
-        return [self._decode(i, d) for d, i in zip(self._read(indices), indices)]
+        return self.items(indices)[0]
+
+    def items(self, indices: Sequence[int], *, skip_bad: bool = False) -> tuple[list[tuple[torch.Tensor, int]], list[int]]:
+        """The decoded ``(image, label)`` of ``indices`` and, with ``skip_bad``, the undecodable ones left out.
+
+        Raises:
+            StorageError: an object failed (its GET, or a check of its body), as it always did, skipped or not.
+            UndecodableImage: an image does not decode (unless ``skip_bad``).
+        """
+        samples: list[tuple[torch.Tensor, int]] = []
+        bad: list[int] = []
+        for i, data in zip(indices, self._stream_bytes(indices)):
+            try:
+                samples.append(self._decode(i, data))
+            except ValueError as e:
+                if not skip_bad:
+                    raise
+                log.debug("skipping %s", e)
+                bad.append(int(i))
+        return samples, bad
+
+    # -- streaming with read-ahead (pipeline.readahead) ----------------------------------------------
+
+    def sampler(self, *, batch_size: int, shuffle: bool = True, seed: int = 0,
+                indices: Sequence[int] | np.ndarray | None = None) -> ReadAheadSampler:
+        """A batch sampler (``DataLoader(ds, batch_sampler=ds.sampler(batch_size=16))``) whose batches this
+        dataset reads ahead; ``shuffle``: a new order every ``set_epoch``, from ``seed`` and the epoch alone."""
+        from pipeline.batches import EpochBatchSampler
+
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        inner = EpochBatchSampler(idx, batch=batch_size, seed=seed) if shuffle else SequentialBatches(idx, batch_size)
+        return ReadAheadSampler(inner, self)
+
+    def read_ahead_with(self, sampler: ReadAheadSampler) -> None:
+        """Read ahead in ``sampler``'s order (called by :class:`ReadAheadSampler`, before workers start)."""
+        self._plan = sampler.plan()
+        sampler.on_close(self.drop_read_ahead)
+
+    def drop_read_ahead(self) -> None:
+        """Cancel this process's GETs in flight ahead (an epoch ended or was abandoned)."""
+        s = self._stream_state
+        if s is not None and s.pid == os.getpid():
+            s.prefetcher.drop()
+
+    def _stream(self) -> _Stream:
+        s = self._stream_state
+        if s is None or s.pid != os.getpid():
+            mirrors = self._mirrors(self._blob_store() if self.cache_as_you_go else None)
+            s = self._stream_state = _Stream(pid=os.getpid(), mirrors=mirrors,
+                                             prefetcher=Prefetcher(lambda i: self._get(mirrors, i)))
+        return s
+
+    async def _get(self, mirrors: list[Mirror], i: int) -> bytes | MirrorRecord:
+        """Object ``i`` through the mirror's checks (on the loop): its bytes, or with a store its record."""
+        mirror = mirrors[i % len(mirrors)]
+        ref = self.listing.object_ref(i)
+        if mirror.store is None:
+            return await mirror.read(ref)
+        rec = await mirror.one(ref)
+        if not rec.ok:
+            raise GetFailure(FailureKind.PERMANENT, rec.error or f"{self._uri(i)}: {rec.status.value}")
+        return rec
+
+    def _ahead(self, indices: Sequence[int]) -> list[int]:
+        if self._plan is None or not self.prefetch:
+            return []
+        info = get_worker_info()
+        return self._plan.ahead(indices, workers=info.num_workers if info else 1, prefetch=self.prefetch) or []
+
+    def _stream_bytes(self, indices: Sequence[int]) -> list[bytes]:
+        """The checked bytes of ``indices``: from the cache when it holds them (``cache_as_you_go``), else
+        GET (already in flight when read ahead), with this process's next batches started behind them."""
+        s = self._stream()
+        ahead = self._ahead(indices)
+        on_disk = self._from_cache(s, indices, ahead, indices.epoch if isinstance(indices, TaggedBatch) else -1)
+        get = [i for i in indices if i not in on_disk]
+        got = dict(zip(get, s.prefetcher.take(get, [i for i in ahead if i not in s.blobs])))
+        records = {i: r for i, r in got.items() if isinstance(r, MirrorRecord)}
+        if records:  # indexed before any failure is raised: what was stored is kept
+            self._record_in_index(list(records.values()))
+            s.blobs.update((i, r.sha256 or "") for i, r in records.items())
+        for i in get:  # the first failure in batch order, as one line naming the object
+            if isinstance(got[i], GetFailure):
+                raise StorageError(got[i].message)
+            if isinstance(got[i], BaseException):
+                raise got[i]
+        for i in records:
+            data = self._blob(s.blobs[i])  # just renamed after the mirror's checks; read back from the page cache
+            if data is None:
+                raise StorageError(f"{self._uri(i)}: its blob vanished from {self.layout.objects} as it was stored")
+            got[i] = data
+        return [on_disk[i] if i in on_disk else got[i] for i in indices]
+
+    def _from_cache(self, s: _Stream, indices: Sequence[int], ahead: Sequence[int], epoch: int) -> dict[int, bytes]:
+        """``cache_as_you_go``: the bytes of those of ``indices`` whose blobs are in the cache, checked; the
+        key index is asked once per epoch about each object of the batch and the window ahead."""
+        if not self.cache_as_you_go:
+            return {}
+        if epoch != s.epoch or epoch < 0:
+            s.unknown.clear()
+            s.epoch = epoch
+        ask = [i for i in dict.fromkeys((*indices, *ahead)) if i not in s.blobs and i not in s.unknown]
+        index = self._key_index() if ask else None
+        if index is not None:
+            listing = self.listing
+            shas = index.get_many(self.endpoint_label, self.uri.bucket,
+                                  ((listing.keys[i], listing.etags[i], int(listing.size[i])) for i in ask))
+            for i, sha in zip(ask, shas):
+                if sha:
+                    s.blobs[i] = sha
+                else:
+                    s.unknown.add(i)
+        out: dict[int, bytes] = {}
+        for i in dict.fromkeys(indices):
+            data = self._blob(s.blobs[i]) if i in s.blobs else None
+            if data is not None:
+                out[i] = data
+            elif i in s.blobs:
+                del s.blobs[i]  # gone or damaged: fetched again, and the new blob replaces it
+        return out
+
+    def _blob(self, sha: str) -> bytes | None:
+        """The bytes of blob ``sha`` if it exists and still hashes to its name (training never trusts a blob)."""
+        try:
+            with open(self._blob_store().path(sha), "rb") as f:
+                data = f.read()
+        except (OSError, ValueError):
+            return None
+        return data if hashlib.sha256(data).hexdigest() == sha else None
+
+    def write_manifest(self, indices: Sequence[int] | np.ndarray) -> tuple[Path | None, int]:
+        """``cache_as_you_go``: pin the objects of ``indices`` whose blobs the key index knows in a manifest,
+        as the fetch stage writes it (one syncfs first, so it names only durable blobs); (its path, how
+        many of ``indices`` it lacks). None when no object is cached."""
+        index = self._key_index()
+        if index is None:
+            return None, len(indices)
+        listing = self.listing
+        idx = [int(i) for i in indices]
+        shas = index.get_many(self.endpoint_label, self.uri.bucket,
+                              ((listing.keys[i], listing.etags[i], int(listing.size[i])) for i in idx))
+        kept = [(i, sha) for i, sha in zip(idx, shas) if sha and os.path.isfile(self.layout.blob_path(sha))]
+        if not kept:
+            return None, len(idx)
+        sync_filesystem(self.layout.objects)
+        extra: dict[str, Any] = {"labels": str(listing.label_choice.rule)}
+        if listing.classes:
+            extra["classes"] = list(listing.classes)
+        if len(kept) < len(idx):
+            extra["incomplete"] = len(idx) - len(kept)
+        path = _write_manifest(self.layout, endpoint=self.endpoint_label, bucket=self.uri.bucket, prefix=self.uri.prefix,
+                               records=(ManifestRecord(key=listing.keys[i], sha256=sha, size=int(listing.size[i]),
+                                                       etag=listing.etags[i], last_modified=listing.last_modified[i],
+                                                       label=int(listing.label[i])) for i, sha in kept),
+                               extra=extra)
+        return path, len(idx) - len(kept)
 
     # -- mirroring (pipeline.mirror) -----------------------------------------------------------------
 
@@ -173,14 +351,22 @@ class DSSDataset(Dataset):
         entries = [(r.key, r.etag, r.size, r.sha256) for r in records if r.status is MirrorStatus.FETCHED]
         if not entries:
             return
+        index = self._key_index()
+        if index is None:
+            log.warning("key index not opened; %d objects not recorded", len(entries))
+            return
+        index.put_many_or_warn(self.endpoint_label, self.uri.bucket, entries)
+
+    def _key_index(self) -> KeyIndex | None:
+        """This process's key index (None, logged, when it cannot be opened)."""
         self._blob_store()  # a new process drops the parent's index handle
         try:
             if self._index is None:
                 self._index = KeyIndex(self.layout)
         except (sqlite3.Error, OSError) as e:
-            log.warning("key index not opened; %d objects not recorded (%s)", len(entries), e)
-            return
-        self._index.put_many_or_warn(self.endpoint_label, self.uri.bucket, entries)
+            log.warning("key index of %s not opened (%s)", self.layout.root, e)
+            return None
+        return self._index
 
 
 from pipeline.cached_dataset import CachedImageDataset  # noqa: E402,F401 - the research code imported it from here

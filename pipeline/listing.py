@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache.manifest import StringArray
+from cache.strings import StringArray
 from pipeline.config import LabelRule
 from pipeline.labels import LabelChoice, assign_labels
-from pipeline.mirror import ObjectRef
+# The mirror's vocabulary, not pipeline.mirror: a listing is also made where nothing is mirrored (a re-fetch
+# of a prefix the cache holds), and the mirror's algorithm would be imported for nothing.
+from pipeline.mirror_types import ObjectRef
 from pipeline.transport.listing import ObjectInfo
 
 

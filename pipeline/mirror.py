@@ -12,11 +12,8 @@ checksum where it offers one; SHA-256 names the blob. An answer with another ETa
 version the HEAD names, which is then what the record pins (at most ``max_versions`` times, then it
 fails as CHANGED); if it did not, the answer was wrong and is retried.
 
-* Small objects (below ``MirrorSettings.large_threshold``): one GET, hashed as it arrives.
-* Large objects: a HEAD (size, ETag, S3 additional checksum, which must match the listing), then
-  concurrent ranged GETs into memory (``If-Match`` the ETag, so every part comes from one version),
-  written to the temp file and hashed in order by a disk thread: memory stays at a window of parts per
-  object, and nothing is read back.
+Small objects (below ``MirrorSettings.large_threshold``) take one GET, hashed as it arrives; large ones a
+HEAD, then concurrent ranged GETs (:meth:`Mirror._ranged`).
 
 Retries: transient failures (5xx/429, resets, stalls, malformed answers, bodies cut short or failing a
 check) are retried with full-jitter backoff up to ``max_attempts`` per object (per part for large
@@ -32,14 +29,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 from cache.blobs import BlobStore
 from cache.checks import BodyCheckError, BodyHasher, Checksum, Expected, same_etag
-from pipeline.mirror_types import (  # re-exported: the mirror's public names
-    Body, FailureKind, GetFailure, Getter, MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef, SyncPolicy,
+from pipeline.mirror_types import (  # re-exported: the mirror's public names (and two of its mechanics)
+    Attempts, Body, FailureKind, GetFailure, Getter, MirrorRecord, MirrorSettings, MirrorStatus, NewVersion, ObjectRef,
+    SyncPolicy,
 )
 from pipeline.transport.retry import backoff
 
@@ -48,29 +46,6 @@ log = logging.getLogger(__name__)
 
 # Failures of ours (a body that fails its checks) or of a getter that is no transport (tests' fakes).
 _TRANSIENT_LOCAL = (BodyCheckError, asyncio.TimeoutError, TimeoutError, ConnectionError)
-
-
-class _Attempts:
-    def __init__(self) -> None:
-        self.n = 0  # attempts at the current version, the first included (bounded by max_attempts)
-        self.earlier = 0  # attempts at versions the object had before (each version has its own budget)
-        self.reconnects = 0  # requests sent again after a stale connection: retries, but no failed attempts
-
-    @property
-    def sent(self) -> int:
-        return self.earlier + self.n + self.reconnects
-
-    def new_version(self) -> None:
-        self.earlier += self.n
-        self.n = 0
-
-
-class _NewVersion(Exception):
-    """The object on the server is not the version being fetched; ``head`` names the one it is now."""
-
-    def __init__(self, head: Expected) -> None:
-        super().__init__(f"ETag {head.etag}, {head.size} bytes")
-        self.head = head
 
 
 _STATUS_OF_KIND = {FailureKind.MISSING: MirrorStatus.MISSING, FailureKind.FATAL: MirrorStatus.FATAL,
@@ -109,7 +84,7 @@ class Mirror:
         """
         if self.store is None:
             raise RuntimeError("this Mirror has no BlobStore: it only reads (Mirror.read)")
-        tries = _Attempts()
+        tries = Attempts()
         base = dict(index=ref.index, key=ref.key, size=ref.size, etag=ref.etag, last_modified=ref.last_modified,
                     label=ref.label, client=self.client, worker=self.worker)
 
@@ -132,7 +107,7 @@ class Mirror:
         base.update(size=version.size, etag=version.etag, last_modified=version.last_modified)
         return MirrorRecord(**base, status=MirrorStatus.FETCHED, attempts=tries.sent, sha256=sha, new=new)
 
-    async def _each_version(self, ref: ObjectRef, tries: _Attempts,
+    async def _each_version(self, ref: ObjectRef, tries: Attempts,
                             fetch: Callable[[ObjectRef], Any]) -> tuple[ObjectRef, Any]:
         """``fetch(version)`` of the listed version, then of each new one a HEAD names, each with its own
         attempt budget; :class:`GetFailure` CHANGED once the object changed ``max_versions`` times."""
@@ -140,7 +115,7 @@ class Mirror:
         for _ in range(self.settings.max_versions):
             try:
                 return version, await fetch(version)
-            except _NewVersion as v:
+            except NewVersion as v:
                 log.info("%s changed on the server (%s); fetching its new version", self.uri(ref.key), v)
                 version = dataclasses.replace(version, size=int(v.head.size or 0), etag=v.head.etag or "",
                                               last_modified=v.head.last_modified or version.last_modified)
@@ -154,7 +129,7 @@ class Mirror:
         Raises:
             GetFailure: the object failed (its message names the key and the cause).
         """
-        tries = _Attempts()
+        tries = Attempts()
 
         async def attempt(version: ObjectRef) -> bytes:
             body = await self._get(version, tries)
@@ -169,7 +144,7 @@ class Mirror:
         except _TRANSIENT_LOCAL as e:
             raise GetFailure(FailureKind.PERMANENT, _one_line(self.uri(ref.key), e)) from None
 
-    async def _retrying(self, attempt: Callable[[], Any], tries: _Attempts) -> Any:
+    async def _retrying(self, attempt: Callable[[], Any], tries: Attempts) -> Any:
         s = self.settings
         deadline = time.monotonic() + s.budget_s
         while True:
@@ -190,7 +165,7 @@ class Mirror:
     def _may_retry(self, n: int, deadline: float) -> bool:
         return n < self.settings.max_attempts and time.monotonic() < deadline
 
-    async def _get(self, ref: ObjectRef, tries: _Attempts, byte_range: tuple[int, int] | None = None,
+    async def _get(self, ref: ObjectRef, tries: Attempts, byte_range: tuple[int, int] | None = None,
                    if_match: str | None = None) -> Body:
         """A GET of ``ref`` (or of ``byte_range``) whose ETag, if the answer has one, is the listed one."""
         body = await self.getter.get(ref.key, byte_range=byte_range, if_match=if_match, size=ref.size)
@@ -202,11 +177,11 @@ class Mirror:
 
     async def _changed(self, ref: ObjectRef, answered: str) -> NoReturn:
         """An answer named another version than ``ref``'s: a HEAD says whether the object really changed
-        (:class:`_NewVersion`) or the answer was wrong (a transient failure)."""
+        (:class:`NewVersion`) or the answer was wrong (a transient failure)."""
         now: Expected = await self.getter.head(ref.key)
         if self._is_version(ref, now):
             raise BodyCheckError(f"{self.uri(ref.key)}: an answer named {answered}, but the object's ETag is {ref.etag}")
-        raise _NewVersion(now)
+        raise NewVersion(now)
 
     @staticmethod
     def _is_version(ref: ObjectRef, head: Expected) -> bool:
@@ -217,7 +192,7 @@ class Mirror:
         """What the body must match: the listing's size and ETag (the answer's ETag when none was listed)."""
         return Expected(size=ref.size, etag=ref.etag or body.etag)
 
-    async def _small(self, ref: ObjectRef, tries: _Attempts) -> tuple[str, bool]:
+    async def _small(self, ref: ObjectRef, tries: Attempts) -> tuple[str, bool]:
         fsync = self.settings.sync is SyncPolicy.PER_BLOB
         loop = asyncio.get_running_loop()
         label = self.uri(ref.key)
@@ -253,11 +228,11 @@ class Mirror:
     def _put_body(self, data: Any, expected: Expected, label: str, fsync: bool) -> tuple[str, bool]:
         return self.store.put_body(data, expected=expected, label=label, fsync=fsync)
 
-    async def _large(self, ref: ObjectRef, tries: _Attempts) -> tuple[str, bool]:
+    async def _large(self, ref: ObjectRef, tries: Attempts) -> tuple[str, bool]:
         async def whole() -> tuple[str, bool]:
             head: Expected = await self.getter.head(ref.key)
             if not self._is_version(ref, head):
-                raise _NewVersion(head)
+                raise NewVersion(head)
             try:
                 return await self._ranged(ref, head, tries)
             except GetFailure as e:
@@ -268,7 +243,7 @@ class Mirror:
 
         return await self._retrying(whole, tries)
 
-    async def _ranged(self, ref: ObjectRef, head: Expected, tries: _Attempts) -> tuple[str, bool]:
+    async def _ranged(self, ref: ObjectRef, head: Expected, tries: Attempts) -> tuple[str, bool]:
         """Concurrent ranged GETs into memory, written and hashed in order by a disk thread.
 
         A part holds one of the mirror's ``ranges_in_flight`` slots from its launch until it is written,
@@ -316,7 +291,7 @@ class Mirror:
             writer.abort()
             raise
 
-    async def _part(self, ref: ObjectRef, start: int, end: int, tries: _Attempts) -> list[Any]:
+    async def _part(self, ref: ObjectRef, start: int, end: int, tries: Attempts) -> list[Any]:
         """The bytes ``start:end`` of ``ref`` (``If-Match`` its listed ETag, so every part is of one version)."""
 
         async def fetch_part() -> list[Any]:
@@ -337,7 +312,7 @@ class Mirror:
                 raise BodyCheckError(f"{self.uri(ref.key)}: range {start}-{end} got {pos - start} bytes")
             return chunks
 
-        part_tries = _Attempts()
+        part_tries = Attempts()
         try:
             return await self._retrying(fetch_part, part_tries)
         finally:
@@ -346,9 +321,11 @@ class Mirror:
 
     # -- many objects ------------------------------------------------------------------------------
 
-    async def many(self, refs: Iterable[ObjectRef], emit: Callable[[MirrorRecord], None],
+    async def many(self, refs: Iterable[ObjectRef] | AsyncIterable[ObjectRef], emit: Callable[[MirrorRecord], None],
                    abort: threading.Event | None = None) -> None:
         """Mirror ``refs`` with at most ``settings.concurrency`` in flight; ``emit`` each record as it ends.
+
+        ``refs`` may be asynchronous (objects still being listed): each is launched as it comes.
 
         A FATAL record, or ``abort`` set by another thread, stops the launching of further objects;
         those in flight still finish. Cancelled, it cancels what is in flight (their temp files are
@@ -369,7 +346,7 @@ class Mirror:
                 gate.release()
 
         try:
-            for ref in refs:
+            async for ref in _each(refs):
                 await gate.acquire()
                 if stop or (abort is not None and abort.is_set()):
                     gate.release()
@@ -385,6 +362,15 @@ class Mirror:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             raise
+
+
+async def _each(refs: Iterable[ObjectRef] | AsyncIterable[ObjectRef]) -> AsyncIterator[ObjectRef]:
+    if isinstance(refs, AsyncIterable):
+        async for ref in refs:
+            yield ref
+    else:
+        for ref in refs:
+            yield ref
 
 
 def _one_line(uri: str, e: BaseException) -> str:

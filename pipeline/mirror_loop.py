@@ -1,8 +1,9 @@
 """Mirroring on the process's event loop (:mod:`pipeline.transport.loop`) from a calling thread.
 
-:func:`mirror_stream` hands records to the calling thread in completion order (in groups, so the caller
-wakes up at most about a hundred times a second, not once per object); :func:`mirror_all` returns them
-in the order asked. Neither imports boto3 nor torch.
+:class:`MirrorRun` mirrors objects while the calling thread still feeds more (the fetch stage feeds
+each listing page as it arrives) and hands records back in completion order (in groups, so the caller
+wakes up at most about a hundred times a second, not once per object); :func:`mirror_stream` is one fed
+once, and :func:`mirror_all` returns the records in the order asked. Neither imports boto3 nor torch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import contextlib
 import gc
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
 
 from pipeline import stopping
 from pipeline.mirror import Mirror, MirrorRecord, MirrorStatus, ObjectRef
@@ -41,85 +43,152 @@ def fewer_collections() -> Iterator[None]:
         gc.unfreeze()
 
 
-def mirror_stream(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef], *, pick: Callable[[int], int] | None = None,
-                  leftover: Callable[[list[MirrorRecord]], None] | None = None) -> Iterator[MirrorRecord]:
-    """Mirror ``refs`` on this process's event loop; yield records in completion order.
+class MirrorRun:
+    """Objects mirrored on this process's event loop while the calling thread still hands more in.
 
-    ``refs[j]`` goes through ``mirrors[pick(j)]`` (default: round robin, so requests spread over the
-    clients). Closing the iterator early cancels what is still running; ``leftover`` then gets the
-    records of objects that finished but were not yielded (their blobs are in the cache), so the caller
-    can index them: whatever ends a fetch, finished work is kept.
+    The caller feeds refs (:meth:`feed`, e.g. each listing page as it arrives), posts its own items
+    (:meth:`post`, from any thread or from the loop: the pages themselves), calls :meth:`end_feed` once nothing more will
+    come, and iterates :meth:`events`: records in completion order and posted items in the order posted,
+    until every fed object is done. Refs go to the mirrors in turn (``pick``, default round robin, so
+    requests spread over the clients). Closing (or leaving the ``with``) early cancels what is in flight
+    and gives ``leftover`` the records that finished but were not yielded (their blobs are in the cache),
+    so whatever ends a fetch, finished work is kept.
     """
-    if not refs:
-        return
-    pick = pick or (lambda j: j % len(mirrors))
-    out: queue.SimpleQueue[list[MirrorRecord] | BaseException | None] = queue.SimpleQueue()
-    groups: dict[int, list[ObjectRef]] = {}
-    for j, ref in enumerate(refs):
-        groups.setdefault(pick(j), []).append(ref)
 
-    buffer: list[MirrorRecord] = []
+    def __init__(self, mirrors: Sequence[Mirror], *, pick: Callable[[int], int] | None = None,
+                 leftover: Callable[[list[MirrorRecord]], None] | None = None) -> None:
+        self._mirrors = mirrors
+        self._pick = pick or (lambda j: j % len(mirrors))
+        self._leftover = leftover
+        self._loop = LoopThread.get().loop
+        self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._feeds: list[asyncio.Queue[list[ObjectRef] | None]] = [asyncio.Queue() for _ in mirrors]
+        self._fed = 0
+        self._abort = threading.Event()
+        self._finished = threading.Event()
+        self._buffer: list[MirrorRecord] = []
+        self._batch: list[Any] = []  # the group being handed over, and how many of it were
+        self._given = 0
+        self._future = asyncio.run_coroutine_threadsafe(self._main(), self._loop)
+        self._closed = False
 
-    def flush() -> None:
-        if buffer:
-            out.put(buffer[:])
-            buffer.clear()
+    # -- the calling thread's side ---------------------------------------------------------------------
 
-    def emit(rec: MirrorRecord) -> None:
-        # Handed over in groups (at most ~100 wake-ups of the consumer per second, not one per object).
-        buffer.append(rec)
-        if len(buffer) == 1:
-            asyncio.get_running_loop().call_later(0.01, flush)
-        elif len(buffer) >= 256 or rec.status is MirrorStatus.FATAL:
-            flush()
+    def feed(self, refs: Sequence[ObjectRef]) -> None:
+        """Mirror ``refs`` too (thread-safe; never after :meth:`end_feed`)."""
+        groups: dict[int, list[ObjectRef]] = {}
+        for ref in refs:
+            groups.setdefault(self._pick(self._fed), []).append(ref)
+            self._fed += 1
+        for m, group in groups.items():
+            self._loop.call_soon_threadsafe(self._feeds[m].put_nowait, group)
 
-    async def main() -> None:
-        error: BaseException | None = None
-        try:
-            await asyncio.gather(*(mirrors[m].many(g, emit, abort) for m, g in groups.items()))
-        except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
-            error = e
-        finally:
-            flush()
-            out.put(error if error is not None and not isinstance(error, asyncio.CancelledError) else None)
-            finished.set()
+    def end_feed(self) -> None:
+        """Nothing more will be fed: :meth:`events` ends once what was fed is done."""
+        for f in self._feeds:
+            self._loop.call_soon_threadsafe(f.put_nowait, None)
 
-    abort = threading.Event()
-    finished = threading.Event()
-    fut = asyncio.run_coroutine_threadsafe(main(), LoopThread.get().loop)
-    batch: list[MirrorRecord] = []  # the group being handed over, and how many of it were
-    given = 0
-    try:
+    def post(self, item: Any) -> None:
+        """Hand ``item`` to :meth:`events` (thread-safe; an exception is raised there instead)."""
+        self._out.put(("item", item))
+
+    def events(self) -> Iterator[Any]:
+        """Records (in groups as they finish) and posted items, until every fed object is done.
+
+        Raises:
+            BaseException: a posted exception, or what stopped the mirrors.
+        """
         while True:
             try:
-                item = out.get(timeout=0.05)
+                kind, item = self._out.get(timeout=0.05)
             except queue.Empty:
                 stopping.raise_if_requested()  # between records: nothing is in hand
                 continue
-            if item is None:
+            if kind == "done":
+                if item is not None:
+                    raise item
                 return
-            if isinstance(item, BaseException):
-                raise item
-            batch, given = item, 0
-            for rec in batch:
-                given += 1
+            if kind == "item":
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                continue
+            self._batch, self._given = item, 0
+            for rec in self._batch:
+                self._given += 1
                 yield rec
-            batch = []
+            self._batch = []
             stopping.raise_if_requested()
-    finally:
-        if not finished.is_set():
-            # Closed early (a FATAL record, Ctrl-C, SIGTERM, an exception in the consumer): start nothing
-            # new, cancel what is in flight (its temp files go), and hand over what did finish.
-            abort.set()
-            fut.cancel()
-            finished.wait(_DRAIN_S)
-        if leftover is not None:
-            done = batch[given:]  # the consumer stopped in the middle of a group (at a FATAL record, say)
-            while not out.empty():
-                item = out.get_nowait()
-                if isinstance(item, list):
+
+    def close(self) -> None:
+        """Stop: start nothing new, cancel what is in flight (its temp files go), hand over what finished."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._finished.is_set():
+            self._abort.set()
+            self._future.cancel()
+            self._finished.wait(_DRAIN_S)
+        if self._leftover is not None:
+            done = [r for r in self._batch[self._given:] if isinstance(r, MirrorRecord)]
+            while not self._out.empty():
+                kind, item = self._out.get_nowait()
+                if kind == "records":
                     done.extend(item)
-            leftover(done)
+            self._leftover(done)
+
+    def __enter__(self) -> MirrorRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop's side -----------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._out.put(("records", self._buffer[:]))
+            self._buffer.clear()
+
+    def _emit(self, rec: MirrorRecord) -> None:
+        # Handed over in groups (at most ~100 wake-ups of the consumer per second, not one per object).
+        self._buffer.append(rec)
+        if len(self._buffer) == 1:
+            self._loop.call_later(0.01, self._flush)
+        elif len(self._buffer) >= 256 or rec.status is MirrorStatus.FATAL:
+            self._flush()
+
+    async def _main(self) -> None:
+        error: BaseException | None = None
+        try:
+            await asyncio.gather(*(m.many(_drain(f), self._emit, self._abort) for m, f in zip(self._mirrors, self._feeds)))
+        except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
+            error = e
+        finally:
+            self._flush()
+            self._out.put(("done", error if not isinstance(error, asyncio.CancelledError) else None))
+            self._finished.set()
+
+
+async def _drain(feed: asyncio.Queue[list[ObjectRef] | None]) -> AsyncIterator[ObjectRef]:
+    while (group := await feed.get()) is not None:
+        for ref in group:
+            yield ref
+
+
+def mirror_stream(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef], *, pick: Callable[[int], int] | None = None,
+                  leftover: Callable[[list[MirrorRecord]], None] | None = None) -> Iterator[MirrorRecord]:
+    """Mirror ``refs`` (all known up front) on this process's event loop; yield records in completion order.
+
+    A :class:`MirrorRun` fed once: closing the iterator early cancels what is still running and hands
+    ``leftover`` what finished unyielded.
+    """
+    if not refs:
+        return
+    with MirrorRun(mirrors, pick=pick, leftover=leftover) as run:
+        run.feed(refs)
+        run.end_feed()
+        yield from run.events()
 
 
 def mirror_all(mirrors: Sequence[Mirror], refs: Sequence[ObjectRef]) -> list[MirrorRecord]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cache.checks import Expected
+from pipeline.config import DEFAULT_SYNC, SyncPolicy  # re-exported: the values of --sync live beside the other flags
 from pipeline.transport import retry
 from pipeline.transport.errors import FailureKind, GetFailure  # re-exported: what a getter raises
 
@@ -56,7 +57,7 @@ class Getter(Protocol):
     async def head(self, key: str) -> Expected: ...
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)  # slots: one per listed key, 100,000s at once
 class ObjectRef:
     """One listed object to mirror."""
 
@@ -68,7 +69,7 @@ class ObjectRef:
     label: int = -1
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)  # slots: one per listed key, 100,000s at once
 class MirrorRecord:
     """The outcome for one object; ``sha256`` is set for FETCHED and CACHED."""
 
@@ -93,15 +94,6 @@ class MirrorRecord:
     @property
     def retries(self) -> int:
         return max(0, self.attempts - 1)
-
-
-class SyncPolicy(enum.Enum):
-    """When blobs become durable (see README "Guarantees")."""
-
-    PER_BLOB = "per-blob"  # fsync every blob before its rename
-    # One syncfs of the cache filesystem before the manifest is written (blobs fetched in ranges, at
-    # least large_threshold bytes, are still fsynced each, off the event loop, where it overlaps downloads).
-    BEFORE_MANIFEST = "before-manifest"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,11 +126,35 @@ class MirrorSettings:
     ranges_in_flight: int = 16
     disk_threads: int = 8
     max_versions: int = 3
-    # Measured (README "Guarantees"): one syncfs before the manifest costs a fraction of an fsync per blob.
-    sync: SyncPolicy = SyncPolicy.BEFORE_MANIFEST
+    sync: SyncPolicy = DEFAULT_SYNC
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 4096:
             raise ValueError(f"concurrency={self.concurrency} must be between 1 and 4096 (--max-connections)")
         if self.part_size < 1 << 20 or self.large_threshold < self.part_size:
             raise ValueError("part_size must be >= 1 MiB and large_threshold >= part_size")
+
+
+class Attempts:
+    """The requests one object (or one part) has cost so far, as its record counts them."""
+
+    def __init__(self) -> None:
+        self.n = 0  # attempts at the current version, the first included (bounded by max_attempts)
+        self.earlier = 0  # attempts at versions the object had before (each version has its own budget)
+        self.reconnects = 0  # requests sent again after a stale connection: retries, but no failed attempts
+
+    @property
+    def sent(self) -> int:
+        return self.earlier + self.n + self.reconnects
+
+    def new_version(self) -> None:
+        self.earlier += self.n
+        self.n = 0
+
+
+class NewVersion(Exception):
+    """The object on the server is not the version being fetched; ``head`` names the one it is now."""
+
+    def __init__(self, head: Expected) -> None:
+        super().__init__(f"ETag {head.etag}, {head.size} bytes")
+        self.head = head

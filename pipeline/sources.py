@@ -3,7 +3,8 @@
 Owns the choice of manifest (``--manifest``, else the newest of ``--prefix``, else the newest of the
 cache; under DDP the rank's own shard, see :func:`pipeline.distributed.pick_rank_manifest`) and the
 source built from it: the decoded pack (default), the blobs decoded per sample (``--pack off``), or
-S3 streaming through ``DSSDataset`` (``--source s3``). The cache root is resolved once, in
+S3 streaming through ``DSSDataset`` (``--source s3``: batches read ahead in the sampler's order, and with
+``--cache-as-you-go`` stored in the cache, then pinned in a manifest after the first epoch). The cache root is resolved once, in
 :func:`cache_layout`, and passed on as a :class:`CacheLayout`. Also the labels trained on
 (:func:`manifest_labels`): the manifest's as recorded, or recomputed when ``--labels`` names another rule.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,10 @@ class DataSource:
     preview: list[int] = field(default_factory=list)
     fix: str = "check --extensions"
     labels: str = ""  # the label rule trained with and why, one line (the report prints it)
+    # Streaming: wraps training's batch sampler so each worker reads its next batches ahead (pipeline.readahead).
+    read_ahead: Callable[[Any], Any] | None = None
+    # Called by the training loop after each epoch (its number): --cache-as-you-go pins a manifest then.
+    epoch_done: Callable[[int], None] | None = None
 
     def key(self, i: int) -> str:
         """The key of sample ``i`` (its index, when streaming)."""
@@ -116,26 +122,61 @@ def build_source(config: TrainConfig, dist_state: DistState, stack: contextlib.E
     """
     layout = cache_layout(config)
     if config.source == "s3":
-        return _stream_source(config, layout, dist_state)
+        return _stream_source(config, layout, dist_state, stack)
     return _cache_source(config, layout, dist_state, stack)
 
 
-def _stream_source(config: TrainConfig, layout: CacheLayout, dist_state: DistState) -> DataSource:
+def _stream_source(config: TrainConfig, layout: CacheLayout, dist_state: DistState,
+                   stack: contextlib.ExitStack | None) -> DataSource:
     from pipeline.config import ClientOptions, manifest_endpoint, resolve_endpoint
     from pipeline.datasets import DSSDataset
     from pipeline.images import image_indices
+    from pipeline.mirror import SyncPolicy
+    from pipeline.readahead import ReadAheadSampler, StreamBatches
 
     prefix, endpoint = config.prefix, config.endpoint
     if prefix is None:
         h = read_manifest_header(find_manifest(config, layout, dist_state))
         prefix, endpoint = str(h.uri), manifest_endpoint(h.endpoint, endpoint)
+    if config.cache_as_you_go:
+        if dist_state.world > 1:
+            raise ValueError("--cache-as-you-go runs in one process (each rank streams only its share); under torchrun "
+                             f"run {fetch_hint(prefix, endpoint=endpoint, cache_dir=config.cache_dir)} first, then train from the cache")
+        layout.create()
+        if stack is not None:  # as a fetch holds it: an eviction never removes a blob before its manifest pins it
+            stack.enter_context(cache_lock(layout, GC_LOCK, shared=True))
     ds = DSSDataset(prefix, options=ClientOptions(endpoint=resolve_endpoint(endpoint)), client_num=config.clients,
-                    load2memory=True, image_size=config.image_size, labels=config.labels)
+                    load2memory=True, image_size=config.image_size, labels=config.labels, prefetch=config.prefetch,
+                    cache_as_you_go=config.cache_as_you_go, cache_dir=layout, sync=SyncPolicy.BEFORE_MANIFEST)
     keep = image_indices(ds.listing.keys, config.extensions)
-    return DataSource(batches=SampleBatches(ds, skip_bad=config.on_bad_sample == "skip"), indices=keep,
-                      digest=f"s3:{prefix}", description=f"{prefix} (streaming, {len(keep)} images)",
+    how = ", cached as it goes" if config.cache_as_you_go else ""
+    return DataSource(batches=StreamBatches(ds, skip_bad=config.on_bad_sample == "skip"), indices=keep,
+                      digest=f"s3:{prefix}", description=f"{prefix} (streaming{how}, {len(keep)} images)",
                       preview=[int(i) for i in keep[:8]], ignored=np.setdiff1d(np.arange(len(ds)), keep).tolist(),
-                      labels=ds.listing.label_choice.line())
+                      labels=ds.listing.label_choice.line(), read_ahead=lambda batches: ReadAheadSampler(batches, ds),
+                      epoch_done=_ManifestAfterFirstEpoch(ds, keep) if config.cache_as_you_go else None)
+
+
+class _ManifestAfterFirstEpoch:
+    """``--cache-as-you-go``: after the first epoch every image is in the cache; pin them in a manifest (once),
+    so ``--source cache`` can train on them later, and say where it is."""
+
+    def __init__(self, ds: Any, indices: np.ndarray) -> None:
+        self.ds = ds
+        self.indices = indices
+        self.path: Path | None = None
+
+    def __call__(self, epoch: int) -> None:
+        if self.path is not None:
+            return
+        self.path, lacking = self.ds.write_manifest(self.indices)
+        if self.path is None:
+            log.warning("--cache-as-you-go: no image of %s reached the cache; no manifest written", self.ds.uri)
+        elif lacking:
+            log.warning("--cache-as-you-go: manifest %s lacks %d of %d images (not in the cache after epoch %d)",
+                        self.path, lacking, len(self.indices), epoch + 1)
+        else:
+            log.info("--cache-as-you-go: wrote manifest %s (%d images) after epoch %d", self.path, len(self.indices), epoch + 1)
 
 
 def _cache_source(config: TrainConfig, layout: CacheLayout, dist_state: DistState,

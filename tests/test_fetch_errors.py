@@ -11,9 +11,9 @@ import pytest
 
 from cache import CacheLayout, load_manifest
 from cache.blobs import hash_file
-from pipeline import fetch as fetch_mod
 from pipeline.fetch import EXIT_INCOMPLETE, FetchConfig, fetch
 from pipeline.server import seed_objects
+from pipeline.transport.listing import Lister
 from tests.conftest import png_bytes
 from tests.helpers import closed_port, kill_when_blobs, run_cli, server_process
 
@@ -97,13 +97,15 @@ def test_bad_flag_values(cache_dir):
 def test_object_deleted_between_list_and_get(monkeypatch, s3_client, bucket, put, options, cache_dir):
     for i in range(6):
         put(f"del/k{i}_0.png", png_bytes(i))
-    real = fetch_mod.list_objects
+    real = Lister.next_page
 
-    def list_then_delete(*a, **kw):
-        yield from real(*a, **kw)
-        s3_client.delete_object(Bucket=bucket, Key="del/k3_0.png")
+    async def list_then_delete(self):
+        page = await real(self)
+        if self.done:  # listed, and gone before any GET (GETs start once a page is listed)
+            s3_client.delete_object(Bucket=bucket, Key="del/k3_0.png")
+        return page
 
-    monkeypatch.setattr(fetch_mod, "list_objects", list_then_delete)
+    monkeypatch.setattr(Lister, "next_page", list_then_delete)
     r = fetch(FetchConfig(prefix=f"s3://{bucket}/del/", options=options, cache_dir=cache_dir, workers=0, progress=False))
     assert r.exit_code == EXIT_INCOMPLETE and r.summary.missing == 1 and r.summary.fetched == 5
     assert "del/k3_0.png" in r.summary.errors[0] and "deleted since the listing" in r.summary.errors[0]

@@ -455,7 +455,7 @@ def test_fetch_from_s3rver_with_a_large_object_in_ranges(s3rver_env, tmp_path):
         assert hash_file(layout.blob_path(m.sha_hex(i))) == m.sha_hex(i)
 
 
-@pytest.mark.parametrize("algorithm", ["SHA256", "CRC32"])
+@pytest.mark.parametrize("algorithm", ["SHA256", "CRC32", "CRC32C", "CRC64NVME"])
 def test_a_servers_additional_checksum_is_verified_end_to_end(s3_server, s3_client, bucket, tmp_path, monkeypatch, algorithm):
     """moto stores the checksum of a PUT with ChecksumAlgorithm and answers it on HEAD (ChecksumMode):
     the ranged fetch checks the body against it, and fails when the announced value is not the body's."""

@@ -33,7 +33,7 @@ ERROR_BODY = 64 << 10  # of an error answer, whatever its framing, at most this 
 LIST_BODY = 32 << 20  # a LIST page of 1,000 keys is ~300 KB
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _DNS_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
-_CHECKSUM_HEADERS = {f"Checksum{a}": f"x-amz-checksum-{a.lower()}" for a in ("CRC32", "CRC32C", "SHA1", "SHA256")}
+_CHECKSUM_HEADERS = {f"Checksum{a}": f"x-amz-checksum-{a.lower()}" for a in ("CRC64NVME", "CRC32", "CRC32C", "SHA1", "SHA256")}
 
 
 def _http_date_iso(text: str) -> str | None:

@@ -86,7 +86,8 @@ class Connection:
                 raise self._lost(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
             if not data and self.h11.their_state is h11.SEND_RESPONSE:
                 raise self._lost("connection closed")
-            self.h11.receive_data(data)
+            for piece in data or (b"",):  # b"": the end of the connection, which h11 must be told
+                self.h11.receive_data(piece)
 
     def _lost(self, why: str) -> TransportError:
         if self.reused and self.wire.received == 0:

@@ -113,19 +113,21 @@ class Wire(asyncio.Protocol):
 
     # -- the reader's side --------------------------------------------------------------------------
 
-    async def read(self) -> bytes:
-        """The next bytes received, or b"" at EOF; raises the stall or reset that ended the wait."""
+    async def read(self) -> list[bytes]:
+        """The pieces received since the last call, in order, or [] at EOF; raises the stall or reset that
+        ended the wait. Pieces are not joined: the parser takes them one by one (a join would copy every
+        byte once more; measured at 0.1-0.2 ms per MB when the loop falls behind)."""
         while not self.chunks:
             if self.error is not None:
                 raise self.error
             if self.eof:
-                return b""
+                return []
             self._waiter = self.loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        data = b"".join(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
+        data = list(self.chunks)
         self.chunks.clear()
         self.buffered = 0
         if self._paused and self.transport is not None:
