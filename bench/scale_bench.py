@@ -23,7 +23,7 @@ Targets (printed last): tess's peak RSS <= the 5,000-object run's + 50 MB; tess'
 included) <= its listing time (``list_s``) + 10%; objects/s >= 1.5x s5cmd's (the same wall ratio); the first GET
 within 1 s of the start; the no-op no slower than ``s5cmd sync`` (both with 0 GETs).
 
-Part ``manifest`` (tables ``scale_manifest_<records>`` and ``scale_workers_<records>``): a synthetic manifest
+Part ``manifest`` (:mod:`bench.scale_manifest`; tables ``scale_manifest_<records>`` and ``scale_workers_<records>``): a synthetic manifest
 (no blobs) is written with ``cache.manifest.write_manifest`` and loaded with ``load_manifest``; the table gives
 both times, the bytes of the loaded arrays (``ManifestArrays.nbytes``) and the resident-memory growth of this
 process. Then a ``CachedImageDataset(check_blobs=False)`` whose items do the per-sample lookup work of training
@@ -41,156 +41,34 @@ Usage: python bench/scale_bench.py [--parts fetch,manifest] [--n 100000] [--base
 from __future__ import annotations
 
 import argparse
-import functools
-import gc
-import hashlib
-import os
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
 from bench.common import (  # noqa: E402
-    RunResult, ToolFailed, interleave, log, median, proc_memory_mb, run_measured, write_table, work_dir,
+    RunResult, ToolFailed, interleave, log, median, run_measured, write_table, work_dir,
 )
-from cache.layout import CacheLayout  # noqa: E402
-from cache.manifest import ManifestRecord, load_manifest, read_manifest_header, write_manifest  # noqa: E402
-from pipeline.datasets import CachedImageDataset  # noqa: E402
+from cache.manifest import read_manifest_header  # noqa: E402
+from bench.scale_manifest import manifest_part  # noqa: E402
 
 if TYPE_CHECKING:
     from bench.mirror_sets import Target
     from bench.mirror_tools import Tool
 
 PARTS = ("fetch", "manifest")
-TARGET_GROWTH_MB = 50.0  # manifest part: per worker
 RSS_OVER_BASELINE_MB = 50.0  # fetch part: tess's peak RSS over the 5,000-object run's
 WALL_OVER_LISTING = 1.10  # fetch part: tess's wall <= its listing time + 10%
 S5CMD_RATIO = 1.5  # fetch part: objects/s >= 1.5x s5cmd's
 FIRST_GET_S = 1.0  # fetch part: the first GET within 1 s of the start
 POLL_S = 0.02  # how often the server's GET count is read while tess starts
 NOOP_RUNS = 3
-
-
-def synthetic_records(n: int) -> Iterator[ManifestRecord]:
-    """``n`` demo-like records with distinct keys, SHA-256s and MD5 ETags (no blobs behind them)."""
-    for i in range(n):
-        digest = hashlib.sha256(i.to_bytes(8, "little")).hexdigest()
-        yield ManifestRecord(key=f"scale/train/img-{i:07d}_{i % 10}.png", sha256=digest, size=2000 + i % 1000,
-                             etag=f'"{digest[:32]}"', last_modified="2024-01-01T00:00:00.000+00:00", label=i % 10)
-
-
-class LookupOnly(CachedImageDataset):
-    """The per-sample lookup of training (blob path from the SHA-256 array, label) without file I/O."""
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path = self.blob_path(i)
-        if not path:
-            raise AssertionError("empty blob path")
-        return torch.zeros(3, 32, 32), int(self.manifest.label[i])
-
-
-def record_worker(folder: str, worker_id: int) -> None:
-    """worker_init_fn: leave this worker's pid and its memory at start in ``folder``."""
-    mem = proc_memory_mb(os.getpid())
-    Path(folder, f"worker{worker_id}").write_text(f"{os.getpid()} {mem['rss']} {mem['private']}\n")
-
-
-def rss_now() -> float:
-    gc.collect()
-    return proc_memory_mb(os.getpid())["rss"]
-
-
-def manifest_figures(layout: CacheLayout, n: int) -> tuple[Path, list[dict[str, object]]]:
-    """Generate, write and load the manifest; return its path and the table rows."""
-    t0 = time.perf_counter()
-    for _ in synthetic_records(n):
-        pass
-    gen_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    path = write_manifest(layout, endpoint="http://127.0.0.1:9", bucket="scale", prefix="scale/train/",
-                          records=synthetic_records(n))
-    write_s = time.perf_counter() - t0
-    log(f"wrote {n} records ({path.stat().st_size / 1e6:.0f} MB) in {write_s:.1f} s")
-    rss0 = rss_now()
-    t0 = time.perf_counter()
-    manifest = load_manifest(path)
-    load_s = time.perf_counter() - t0
-    rss1 = rss_now()
-    t0 = time.perf_counter()
-    ds = LookupOnly(manifest, cache_dir=layout.root, check_blobs=False)
-    build_s = time.perf_counter() - t0
-    rss2 = rss_now()
-    rows = [
-        {"what": "records", "value": n, "unit": ""},
-        {"what": "manifest file size", "value": path.stat().st_size / 1e6, "unit": "MB"},
-        {"what": "write_manifest (record generation excluded)", "value": write_s - gen_s, "unit": "s"},
-        {"what": "write_manifest incl. generating the records", "value": write_s, "unit": "s"},
-        {"what": "load_manifest", "value": load_s, "unit": "s"},
-        {"what": "ManifestArrays.nbytes", "value": manifest.nbytes / 1e6, "unit": "MB"},
-        {"what": "RSS growth of load_manifest (after gc)", "value": rss1 - rss0, "unit": "MB"},
-        {"what": "CachedImageDataset(check_blobs=False) construction", "value": build_s, "unit": "s"},
-        {"what": "RSS growth of the dataset construction", "value": rss2 - rss1, "unit": "MB"},
-        {"what": "bytes per record, loaded arrays", "value": manifest.nbytes / n, "unit": "B"},
-    ]
-    del ds, manifest
-    return path, rows
-
-
-def worker_growth(path: Path, layout: CacheLayout, samples: int, workers: int, scratch: Path) -> list[dict[str, object]]:
-    """Read ``samples`` shuffled samples with ``workers`` workers; memory of each worker at start and end."""
-    from pipeline.batches import EpochBatchSampler, SampleBatches
-
-    ds = LookupOnly(load_manifest(path), cache_dir=layout.root, check_blobs=False)
-    indices = np.sort(np.random.default_rng(0).choice(len(ds), size=samples, replace=False))
-    pid_dir = scratch / "workers"
-    pid_dir.mkdir(exist_ok=True)
-    loader = DataLoader(SampleBatches(ds, skip_bad=False), sampler=EpochBatchSampler(indices, batch=16, seed=0), batch_size=None,
-                        num_workers=workers, persistent_workers=True, prefetch_factor=4,
-                        worker_init_fn=functools.partial(record_worker, str(pid_dir)))
-    it = iter(loader)
-    seen = len(next(it)[0])
-    deadline = time.monotonic() + 120  # the first batch can come before every worker has run its init
-    while not all((pid_dir / f"worker{wid}").is_file() for wid in range(workers)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    info = [(wid, *map(float, (pid_dir / f"worker{wid}").read_text().split())) for wid in range(workers)]
-    first = {wid: proc_memory_mb(int(pid)) for wid, pid, _, _ in info}
-    main_first = proc_memory_mb(os.getpid())
-    t0 = time.perf_counter()
-    for batch in it:
-        seen += len(batch[0])
-    pass_s = time.perf_counter() - t0
-    end = {wid: proc_memory_mb(int(pid)) for wid, pid, _, _ in info}  # persistent workers are still alive
-    main_end = proc_memory_mb(os.getpid())
-    del it, loader
-    log(f"read {seen} samples with -w {workers} in {pass_s:.1f} s")
-    rows = []
-    for wid, pid, init_rss, init_private in info:
-        a, b = first[wid], end[wid]
-        growth = max(b["rss"] - a["rss"], b["private"] - a["private"])
-        rows.append({
-            "process": f"worker {wid}", "RSS at init MB": init_rss, "RSS first batch MB": a["rss"], "RSS end MB": b["rss"],
-            "RSS growth MB": b["rss"] - a["rss"], "private growth MB": b["private"] - a["private"],
-            "private growth since init MB": b["private"] - init_private,
-            "target": f"{'met' if growth < TARGET_GROWTH_MB else 'MISSED'} (< {TARGET_GROWTH_MB:.0f} MB)",
-            "samples": seen, "pass s": pass_s,
-        })
-    rows.append({"process": "main", "RSS first batch MB": main_first["rss"], "RSS end MB": main_end["rss"],
-                 "RSS growth MB": main_end["rss"] - main_first["rss"], "private growth MB": main_end["private"] - main_first["private"],
-                 "samples": seen, "pass s": pass_s})
-    return rows
-
-
-# -- part fetch: 100,000 objects from s3rver, tess against s5cmd ---------------------------------------------
 
 
 class FirstGetPoller:
@@ -466,22 +344,6 @@ def main() -> None:
         if "fetch" in parts:  # last, so the targets are what a run prints at its end
             write_table("scale_targets", f"Targets of the scale fetch ({args.n:,} objects)", scale_targets(rows),
                         ["target", "measured", "status"])
-
-
-def manifest_part(args: argparse.Namespace, scratch: Path) -> None:
-    """Issue 5's 1e: the manifest of ``--records`` records, and the workers' memory over ``--samples`` samples."""
-    layout = CacheLayout.at(scratch / "cache").create()
-    path, rows = manifest_figures(layout, args.records)
-    write_table(f"scale_manifest_{args.records}", f"Manifest of {args.records:,} records (1e)", rows, ("what", "value", "unit"))
-    growth = worker_growth(path, layout, min(args.samples, args.records), args.workers, scratch)
-    write_table(f"scale_workers_{args.records}", f"Worker memory over {args.samples:,} samples, -w {args.workers} (1e)", growth,
-                ("process", "RSS at init MB", "RSS first batch MB", "RSS end MB", "RSS growth MB", "private growth MB",
-                 "private growth since init MB", "target", "samples", "pass s"),
-                ["growth = end of the pass minus after the first batch; private = Private_Clean + Private_Dirty "
-                 "of /proc/<pid>/smaps_rollup (USS), where copy-on-read shows",
-                 "the target is judged on the larger of RSS growth and private growth (workers only); the main "
-                 "process's private growth is the parent writing into heap pages it still shares with the forked "
-                 "workers (copy-on-write in the parent), with its RSS unchanged"])
 
 
 if __name__ == "__main__":
