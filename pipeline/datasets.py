@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import BatchSampler, Dataset, get_worker_info
 
 from cache.blobs import BlobStore, sync_filesystem
 from cache.index import KeyIndex
@@ -41,7 +41,7 @@ from pipeline.listing import Listing
 from pipeline.mirror import FailureKind, GetFailure, Mirror, MirrorRecord, MirrorStatus, SyncPolicy
 from pipeline.mirror_loop import mirror_all
 from pipeline.mirrors import make_mirror, settings_for
-from pipeline.readahead import Prefetcher, ReadAheadPlan, ReadAheadSampler, SequentialBatches, TaggedBatch
+from pipeline.readahead import Prefetcher, ReadAheadPlan, ReadAheadSampler, TaggedBatch
 from pipeline.transport.errors import StorageError
 from pipeline.transport.listing import list_objects
 
@@ -194,7 +194,8 @@ class DSSDataset(Dataset):
         from pipeline.batches import EpochBatchSampler
 
         idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
-        inner = EpochBatchSampler(idx, batch=batch_size, seed=seed) if shuffle else SequentialBatches(idx, batch_size)
+        inner = (EpochBatchSampler(idx, batch=batch_size, seed=seed) if shuffle
+                 else BatchSampler([int(i) for i in idx], batch_size, drop_last=False))
         return ReadAheadSampler(inner, self)
 
     def read_ahead_with(self, sampler: ReadAheadSampler) -> None:
@@ -269,8 +270,7 @@ class DSSDataset(Dataset):
         index = self._key_index() if ask else None
         if index is not None:
             listing = self.listing
-            shas = index.get_many(self.endpoint_label, self.uri.bucket,
-                                  ((listing.keys[i], listing.etags[i], int(listing.size[i])) for i in ask))
+            shas = index.get_many(self.endpoint_label, self.uri.bucket, listing.index_items(ask))
             for i, sha in zip(ask, shas):
                 if sha:
                     s.blobs[i] = sha
@@ -303,15 +303,12 @@ class DSSDataset(Dataset):
             return None, len(indices)
         listing = self.listing
         idx = [int(i) for i in indices]
-        shas = index.get_many(self.endpoint_label, self.uri.bucket,
-                              ((listing.keys[i], listing.etags[i], int(listing.size[i])) for i in idx))
+        shas = index.get_many(self.endpoint_label, self.uri.bucket, listing.index_items(idx))
         kept = [(i, sha) for i, sha in zip(idx, shas) if sha and os.path.isfile(self.layout.blob_path(sha))]
         if not kept:
             return None, len(idx)
         sync_filesystem(self.layout.objects)
-        extra: dict[str, Any] = {"labels": str(listing.label_choice.rule)}
-        if listing.classes:
-            extra["classes"] = list(listing.classes)
+        extra: dict[str, Any] = listing.header_fields()
         if len(kept) < len(idx):
             extra["incomplete"] = len(idx) - len(kept)
         path = _write_manifest(self.layout, endpoint=self.endpoint_label, bucket=self.uri.bucket, prefix=self.uri.prefix,

@@ -33,7 +33,7 @@ from pipeline.config import S3Uri
 from pipeline.fetch_stream import DENIAL_PROBE, IndexWriter, Outcomes, cached_shas, fetch_streaming, make_mirrors, progress_bar
 from pipeline.fetch_types import EXIT_INCOMPLETE, FetchConfig, FetchResult, FetchSummary
 from pipeline.listing import Listing
-from pipeline.mirror import MirrorRecord, MirrorStatus, SyncPolicy
+from pipeline.mirror import MirrorRecord, SyncPolicy
 from pipeline.mirror_loop import fewer_collections, mirror_stream
 from pipeline.transport import loop
 from pipeline.transport.errors import StorageError
@@ -87,9 +87,8 @@ def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, lister: 
     endpoint = config.endpoint_label or config.options.endpoint_label
     summary = FetchSummary()
     if config.workers == 0 and config.max_cache_bytes is None:
-        streamed = fetch_streaming(config, layout, uri, lister, first, summary, make_mirrors(config, uri, layout),
-                                   endpoint=endpoint, t0=t0)
-        listing, records = streamed.listing, streamed.records
+        mirrors = make_mirrors(config, uri, layout)
+        listing, records = fetch_streaming(config, layout, uri, lister, first, summary, mirrors, endpoint=endpoint, t0=t0)
     else:
         listing, records = _fetch_listed_first(config, layout, uri, lister, first, summary, endpoint=endpoint, t0=t0)
     if summary.fetched and config.sync is SyncPolicy.BEFORE_MANIFEST:
@@ -99,10 +98,8 @@ def _fetch_locked(config: FetchConfig, layout: CacheLayout, uri: S3Uri, lister: 
     kept = [r for r in records if r is not None and r.ok]
     summary.bytes_total = sum(r.size for r in kept)
     summary.wall_s = time.perf_counter() - t0
-    shard = config.shard if config.shard is not None and not config.shard.whole else None
-    extra: dict[str, Any] = {"fetch": summary.to_json(), "labels": str(listing.label_choice.rule)}
-    if listing.classes:
-        extra["classes"] = list(listing.classes)
+    shard = config.shard_to_fetch
+    extra: dict[str, Any] = {"fetch": summary.to_json(), **listing.header_fields()}
     if not summary.complete:
         extra["incomplete"] = summary.missing + summary.failed
     if shard is not None:
@@ -133,7 +130,7 @@ def _fetch_listed_first(config: FetchConfig, layout: CacheLayout, uri: S3Uri, li
     summary.retries += lister.stats.get("retries", 0)
     summary.list_s = time.perf_counter() - t0
     summary.listed = len(listing)
-    shard = config.shard if config.shard is not None and not config.shard.whole else None
+    shard = config.shard_to_fetch
     if shard is not None:
         # After labelling (the rule is decided, and folder classes numbered, over the whole listing, so every
         # shard agrees) and before the cache lookup (a node never touches, or counts as cached, another node's keys).
@@ -146,16 +143,13 @@ def _fetch_listed_first(config: FetchConfig, layout: CacheLayout, uri: S3Uri, li
             "raise the cap (CACHE_MAX_BYTES=) or fetch less (--limit N)"
         )
     with KeyIndex(layout) as index:
-        shas = cached_shas(index, layout, endpoint, uri.bucket,
-                           [(listing.keys[i], listing.etags[i], int(listing.size[i])) for i in range(len(listing))],
+        shas = cached_shas(index, layout, endpoint, uri.bucket, listing.index_items(range(len(listing))),
                            verify=config.verify)
     records: list[MirrorRecord | None] = [None] * len(listing)
     for i, sha in enumerate(shas):
         if sha is not None:
             summary.cached += 1
-            records[i] = MirrorRecord(index=i, key=listing.keys[i], status=MirrorStatus.CACHED, size=int(listing.size[i]),
-                                      etag=listing.etags[i], last_modified=listing.last_modified[i],
-                                      label=int(listing.label[i]), sha256=sha)
+            records[i] = MirrorRecord.cached(listing.object_ref(i), sha)
     todo = np.array([i for i, sha in enumerate(shas) if sha is None], dtype=np.int64)
     if len(todo):
         t_mirror = time.perf_counter()

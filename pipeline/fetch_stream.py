@@ -19,8 +19,8 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 from cache.blobs import BlobStore, hash_file
 from cache.index import KeyIndex
@@ -34,9 +34,6 @@ from pipeline.mirror_loop import MirrorRun, fewer_collections
 from pipeline.transport.errors import StorageError
 from pipeline.transport.listing import Lister, ObjectInfo
 from pipeline.transport.loop import LoopThread
-
-if TYPE_CHECKING:
-    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -157,26 +154,20 @@ class Outcomes:
             raise StorageError(f"{self.summary.errors[-1]} (all {self.done} objects were refused)")
 
 
-@dataclass
-class Streamed:
-    """What a streamed fetch found: the whole listing, this shard's positions in it, a record for each."""
-
-    listing: Listing
-    members: list[int]  # positions in ``listing`` of the objects of this fetch (its shard), in order
-    records: list[MirrorRecord | None] = field(default_factory=list)
-
-
 class _Listed:
     """Posted by the listing task after its last page."""
 
 
 def fetch_streaming(config: FetchConfig, layout: CacheLayout, uri: S3Uri, lister: Lister, first: list[ObjectInfo],
-                    summary: FetchSummary, mirrors: Sequence, *, endpoint: str, t0: float) -> Streamed:
+                    summary: FetchSummary, mirrors: Sequence, *, endpoint: str,
+                    t0: float) -> tuple[Listing, list[MirrorRecord | None]]:
     """List the rest of ``uri`` after its ``first`` page while the objects listed so far are mirrored.
 
-    Fills ``summary`` (counts, ``list_s`` when the last page came, ``mirror_s`` from the first GET).
+    Returns the whole listing (labelled over all of it) and a record for each object of this fetch (its
+    shard), in listing order. Fills ``summary`` (counts, ``list_s`` when the last page came, ``mirror_s``
+    from the first GET).
     """
-    shard = config.shard if config.shard is not None and not config.shard.whole else None
+    shard = config.shard_to_fetch
     objects: list[ObjectInfo] = []
     members: list[int] = []
     records: list[MirrorRecord | None] = []
@@ -203,15 +194,15 @@ def fetch_streaming(config: FetchConfig, layout: CacheLayout, uri: S3Uri, lister
                                                                       for i in mine], verify=config.verify)
             new: list[ObjectRef] = []
             for i, sha in zip(mine, found):
-                o, j = objects[i], len(members)
+                o = objects[i]
+                ref = ObjectRef(index=len(members), key=o.key, size=o.size, etag=o.etag, last_modified=o.last_modified)
                 members.append(i)
                 if sha is not None:
                     summary.cached += 1
-                    records.append(MirrorRecord(index=j, key=o.key, status=MirrorStatus.CACHED, size=o.size, etag=o.etag,
-                                                last_modified=o.last_modified, sha256=sha))
+                    records.append(MirrorRecord.cached(ref, sha))
                 else:
                     records.append(None)
-                    new.append(ObjectRef(index=j, key=o.key, size=o.size, etag=o.etag, last_modified=o.last_modified))
+                    new.append(ref)
             if new:
                 t_mirror = t_mirror if t_mirror is not None else time.perf_counter()
                 to_fetch += len(new)
@@ -253,7 +244,7 @@ def fetch_streaming(config: FetchConfig, layout: CacheLayout, uri: S3Uri, lister
     out = [replace(r, label=int(labels[members[r.index]])) if r is not None else None for r in records]
     if shard is not None:
         log.info("shard %s: %d of %d listed objects", shard, len(members), len(objects))
-    return Streamed(listing=listing, members=members, records=out)
+    return listing, out
 
 
 async def _list_rest(lister: Lister, run: MirrorRun) -> None:

@@ -59,6 +59,11 @@ class FetchConfig:
     sync: SyncPolicy = MirrorSettings.sync
     labels: LabelRule = DEFAULT_LABELS
 
+    @property
+    def shard_to_fetch(self) -> ShardSpec | None:
+        """The shard to keep of the listing, None for all of it (no ``shard``, or ``k/1``)."""
+        return self.shard if self.shard is not None and not self.shard.whole else None
+
     def __post_init__(self) -> None:
         S3Uri.parse(self.prefix)
         object.__setattr__(self, "labels", label_rule(self.labels))

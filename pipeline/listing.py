@@ -59,6 +59,17 @@ class Listing:
         return ObjectRef(index=int(i if index is None else index), key=self.keys[i], size=int(self.size[i]),
                          etag=self.etags[i], last_modified=self.last_modified[i], label=int(self.label[i]))
 
+    def index_items(self, indices: Iterable[int]) -> list[tuple[str, str, int]]:
+        """``(key, etag, size)`` of each of ``indices``: what the key index is asked about an object."""
+        return [(self.keys[i], self.etags[i], int(self.size[i])) for i in indices]
+
+    def header_fields(self) -> dict[str, object]:
+        """The manifest header fields this listing decides: the label rule applied and its classes."""
+        fields: dict[str, object] = {"labels": str(self.label_choice.rule)}
+        if self.classes:
+            fields["classes"] = list(self.classes)
+        return fields
+
     def subset(self, indices: np.ndarray) -> Listing:
         """The listing restricted to ``indices`` (in that order)."""
         idx = [int(i) for i in indices]

@@ -87,6 +87,12 @@ class MirrorRecord:
     client: int = 0
     worker: int = -1
 
+    @classmethod
+    def cached(cls, ref: ObjectRef, sha256: str) -> MirrorRecord:
+        """The record of ``ref`` found in the cache as blob ``sha256`` (no request made)."""
+        return cls(index=ref.index, key=ref.key, status=MirrorStatus.CACHED, size=ref.size, etag=ref.etag,
+                   last_modified=ref.last_modified, label=ref.label, sha256=sha256)
+
     @property
     def ok(self) -> bool:
         return self.status in (MirrorStatus.FETCHED, MirrorStatus.CACHED)

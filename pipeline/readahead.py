@@ -133,24 +133,6 @@ class ReadAheadSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
-class SequentialBatches:
-    """Batches of ``indices`` in order (the plan of ``shuffle=False``); ``set_epoch`` changes nothing."""
-
-    def __init__(self, indices: Sequence[int], batch: int, drop_last: bool = False) -> None:
-        self.indices = [int(i) for i in indices]
-        self.batch = batch
-        self.drop_last = drop_last
-
-    def __iter__(self) -> Iterator[list[int]]:
-        stop = len(self) * self.batch
-        for start in range(0, stop, self.batch):
-            yield self.indices[start:min(start + self.batch, len(self.indices))]
-
-    def __len__(self) -> int:
-        n = len(self.indices)
-        return n // self.batch if self.drop_last else (n + self.batch - 1) // self.batch
-
-
 def _discard(task: asyncio.Future[Any]) -> None:
     """Cancel a task nobody will take; a finished one has its exception retrieved (no 'never retrieved' log)."""
     if not task.done():
