@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
 
 # Variables (all optional): PREFIX=s3://bucket/prefix ENDPOINT=url WORKERS=n CLIENTS=n CACHE_DIR=dir
 # LIMIT=n EPOCHS=n BATCH=n OUT=dir N=objects NPROC=n SHARD=k/N CACHE_MAX_BYTES=size REPAIR=1
@@ -40,14 +40,16 @@ train_args = -e $(EPOCHS) $(if $(WORKERS),-w $(WORKERS)) $(if $(BATCH),-b $(BATC
 	$(if $(ON_BAD_SAMPLE),--on-bad-sample $(ON_BAD_SAMPLE)) $(if $(EXTENSIONS),--extensions $(EXTENSIONS)) \
 	$(if $(THREADS),--threads $(THREADS)) $(if $(LABELS),--labels $(LABELS))
 
-.PHONY: help venv fetch serve train train-ddp demo verify cache-stats clean-cache bench bench-fetch test
+.PHONY: help venv fetch serve train train-ddp demo verify cache-stats clean-cache bench bench-fetch test lint
 
 help:
-	@echo "make demo | fetch [PREFIX= ENDPOINT= CA_BUNDLE= NO_VERIFY_SSL=1 WORKERS= CLIENTS= LIMIT= SHARD=k/N LABELS= CACHE_DIR=] | serve | train [EPOCHS= WORKERS= BATCH= PREFIX= CACHE_DIR= OUT= ON_BAD_SAMPLE=skip EXTENSIONS= THREADS= LABELS=] | train-ddp [NPROC= + train's] | verify [REPAIR=1 CA_BUNDLE= NO_VERIFY_SSL=1] | cache-stats | clean-cache | bench [N= REPEATS=] | bench-fetch [N= REPEATS=] | test"
+	@echo "make demo | fetch [PREFIX= ENDPOINT= CA_BUNDLE= NO_VERIFY_SSL=1 WORKERS= CLIENTS= LIMIT= SHARD=k/N LABELS= CACHE_DIR=] | serve | train [EPOCHS= WORKERS= BATCH= PREFIX= CACHE_DIR= OUT= ON_BAD_SAMPLE=skip EXTENSIONS= THREADS= LABELS=] | train-ddp [NPROC= + train's] | verify [REPAIR=1 CA_BUNDLE= NO_VERIFY_SSL=1] | cache-stats | clean-cache | bench [N= REPEATS=] | bench-fetch [N= REPEATS=] | test | lint"
 
-$(STAMP): requirements.txt
+# The pinned requirements, then tess itself (editable, no dependencies): .venv/bin/tess is the `tess` command.
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)
@@ -61,14 +63,13 @@ serve: $(STAMP)
 train: $(STAMP)
 	$(PY) train_vae.py $(train_args)
 
-# NPROC processes on this machine (gloo on CPU, nccl on CUDA); multi-node: README "Running on a cluster".
+# NPROC processes on this machine (gloo on CPU, nccl on CUDA); multi-node: docs/cluster.md.
 train-ddp: $(STAMP)
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) train_vae.py $(train_args)
 
+# tess demo: fetch the embedded server's demo set, train 2 epochs into runs/demo, name the pictures.
 demo: $(STAMP)
-	$(PY) -m pipeline fetch $(cache_arg)
-	$(PY) train_vae.py -e 2 $(cache_arg) --out runs/demo
-	@echo "pictures: runs/demo/reconstructions.png runs/demo/samples.png runs/demo/loss.png"
+	$(PY) -m pipeline demo $(cache_arg)
 
 verify: $(STAMP)
 	$(PY) -m pipeline verify $(if $(REPAIR),--repair) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(tls_args) $(cache_arg)
@@ -96,3 +97,9 @@ bench-fetch: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff (lint, import order, format) and mypy, configured in pyproject.toml; .ci/run runs it before make test.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cache pipeline train_vae.py
+	$(VENV)/bin/ruff format --check cache pipeline train_vae.py
+	$(VENV)/bin/mypy

@@ -61,8 +61,15 @@ def env_int(name: str, default: int) -> int:
 
 def add_common_args(parser: Any) -> None:
     """``--n`` (objects, default ``$N`` or 5000) and ``--repeats`` (default ``$REPEATS`` or 3)."""
-    parser.add_argument("--n", type=int, default=env_int("N", DEFAULT_N), help="demo objects on the server (default $N or 5000)")
-    parser.add_argument("--repeats", type=int, default=env_int("REPEATS", DEFAULT_REPEATS), help="interleaved runs per variant (default 3)")
+    parser.add_argument(
+        "--n", type=int, default=env_int("N", DEFAULT_N), help="demo objects on the server (default $N or 5000)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=env_int("REPEATS", DEFAULT_REPEATS),
+        help="interleaved runs per variant (default 3)",
+    )
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temp folder, removed at the end)")
 
 
@@ -190,7 +197,7 @@ class BenchServer:
 
     def stats(self) -> collections.Counter[str]:
         """Requests served so far, by kind (``GET``, ``LIST``, ``HEAD``, ``PUT``...)."""
-        from pipeline.server import STATS_PATH
+        from pipeline.demo.server import STATS_PATH
 
         with urllib.request.urlopen(self.endpoint + STATS_PATH, timeout=10) as r:
             return collections.Counter(json.load(r))
@@ -200,17 +207,21 @@ class BenchServer:
 
     def env(self) -> dict[str, str]:
         """Environment for a client of this server: demo-only keys, no profile, path-style endpoint."""
-        from pipeline.server import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
+        from pipeline.demo.server import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
 
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
-        env.update(AWS_ACCESS_KEY_ID=DEMO_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=DEMO_SECRET_KEY, AWS_DEFAULT_REGION="us-east-1",
-                   AWS_EC2_METADATA_DISABLED="true")
+        env.update(
+            AWS_ACCESS_KEY_ID=DEMO_ACCESS_KEY,
+            AWS_SECRET_ACCESS_KEY=DEMO_SECRET_KEY,
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_EC2_METADATA_DISABLED="true",
+        )
         return env
 
     @property
     def prefix(self) -> str:
         from cache.uri import S3Uri
-        from pipeline.demo import DEMO_BUCKET, DEMO_PREFIX
+        from pipeline.demo.demo_set import DEMO_BUCKET, DEMO_PREFIX
 
         return str(S3Uri(bucket=DEMO_BUCKET, prefix=DEMO_PREFIX))
 
@@ -218,7 +229,7 @@ class BenchServer:
 @contextlib.contextmanager
 def demo_server(n: int, *, seed: int = 0) -> Iterator[BenchServer]:
     """Start ``python -m pipeline serve --demo n`` as a separate process; yield it once it is ready."""
-    from pipeline.server import embedded_server_process
+    from pipeline.demo.server import embedded_server_process
 
     t0 = time.perf_counter()
     with embedded_server_process(demo=n, seed=seed) as (endpoint, pid):
@@ -255,8 +266,14 @@ class ToolFailed(RuntimeError):
     """A tool under test exited non-zero."""
 
 
-def run_measured(cmd: Sequence[str], *, env: dict[str, str], server: BenchServer | None = None,
-                 cwd: Path = ROOT, timeout: float = 1800) -> RunResult:
+def run_measured(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str],
+    server: BenchServer | None = None,
+    cwd: Path = ROOT,
+    timeout: float = 1800,
+) -> RunResult:
     """Run ``cmd`` as a child process and measure it (wall, CPU of its tree, memory, server side).
 
     Raises:
@@ -289,9 +306,17 @@ def run_measured(cmd: Sequence[str], *, env: dict[str, str], server: BenchServer
         tail = "\n".join(text.strip().splitlines()[-8:])
         raise ToolFailed(f"{' '.join(cmd[:4])}... exited {proc.returncode}:\n{tail}")
     return RunResult(
-        wall_s=wall, user_s=ru.ru_utime, sys_s=ru.ru_stime, max_rss_mb=ru.ru_maxrss / 1024,
-        peak_rss_mb=mem.peak_rss_mb, peak_pss_mb=mem.peak_pss_mb, processes=mem.max_processes,
-        server_cpu_s=server_cpu, requests=after - before, returncode=proc.returncode, output=text,
+        wall_s=wall,
+        user_s=ru.ru_utime,
+        sys_s=ru.ru_stime,
+        max_rss_mb=ru.ru_maxrss / 1024,
+        peak_rss_mb=mem.peak_rss_mb,
+        peak_pss_mb=mem.peak_pss_mb,
+        processes=mem.max_processes,
+        server_cpu_s=server_cpu,
+        requests=after - before,
+        returncode=proc.returncode,
+        output=text,
     )
 
 
@@ -337,7 +362,15 @@ def fmt(value: Any) -> str:
         if value != value:
             return "n/a"
         a = abs(value)
-        return f"{value:.0f}" if a >= 100 else f"{value:.1f}" if a >= 10 else f"{value:.2f}" if a >= 0.1 else f"{value:.3f}"
+        return (
+            f"{value:.0f}"
+            if a >= 100
+            else f"{value:.1f}"
+            if a >= 10
+            else f"{value:.2f}"
+            if a >= 0.1
+            else f"{value:.3f}"
+        )
     return str(value)
 
 
@@ -348,12 +381,26 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join(lines)
 
 
-def write_table(name: str, title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str], notes: Sequence[str] = ()) -> str:
+def write_table(
+    name: str, title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str], notes: Sequence[str] = ()
+) -> str:
     """Write ``bench/results/<name>.md`` and ``.csv``, print the markdown, return it."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    md = "\n".join([f"### {title}", "", f"_{stamp}; {machine_line()}_", "", markdown_table(rows, columns), "",
-                    *[f"- {n}" for n in notes]]).rstrip() + "\n"
+    md = (
+        "\n".join(
+            [
+                f"### {title}",
+                "",
+                f"_{stamp}; {machine_line()}_",
+                "",
+                markdown_table(rows, columns),
+                "",
+                *[f"- {n}" for n in notes],
+            ]
+        ).rstrip()
+        + "\n"
+    )
     (RESULTS / f"{name}.md").write_text(md)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")

@@ -39,20 +39,35 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
 def build_cache(root: Path, n: int) -> None:
     from cache import BlobStore, CacheLayout, write_manifest
     from cache.manifest import ManifestRecord
-    from pipeline.demo import demo_items
+    from pipeline.demo.demo_set import demo_items
 
     layout = CacheLayout.at(root).create()
     store = BlobStore(layout)
     records = []
     for key, data in demo_items(n, prefix="bench/"):
         sha, _ = store.put_bytes(data)
-        records.append(ManifestRecord(key=key, sha256=sha, size=len(data), etag="", last_modified="", label=int(key[-5])))
+        records.append(
+            ManifestRecord(key=key, sha256=sha, size=len(data), etag="", last_modified="", label=int(key[-5]))
+        )
     write_manifest(layout, endpoint="bench", bucket="demo", prefix="bench/", records=records)
 
 
 def train_once(cache: Path, out: Path, flags: list[str], env: dict[str, str], taskset: list[str]) -> dict:
-    cmd = [*taskset, sys.executable, str(ROOT / "train_vae.py"), "-e", "1", "--device", "cpu", "--no-progress",
-           "--cache-dir", str(cache), "--out", str(out), *flags]
+    cmd = [
+        *taskset,
+        sys.executable,
+        str(ROOT / "train_vae.py"),
+        "-e",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(out),
+        *flags,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
@@ -65,7 +80,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--busy", type=int, default=1, help="spinning processes beside the busy runs (default 1)")
     p.add_argument("--cpus", default=None, help="pin runs and busy processes to these cores, e.g. 0,1")
-    p.add_argument("--variants", default=";".join(VARIANTS), help="semicolon-separated subset of: " + "; ".join(VARIANTS))
+    p.add_argument(
+        "--variants", default=";".join(VARIANTS), help="semicolon-separated subset of: " + "; ".join(VARIANTS)
+    )
     args = p.parse_args()
     taskset = ["taskset", "-c", args.cpus] if args.cpus else []
     names = [v.strip() for v in args.variants.split(";") if v.strip()]
@@ -78,7 +95,9 @@ def main() -> int:
             for load in ("quiet", f"{args.busy} busy"):
                 spinners = []
                 if load != "quiet":
-                    spinners = [subprocess.Popen([*taskset, sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+                    spinners = [
+                        subprocess.Popen([*taskset, sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)
+                    ]
                     time.sleep(0.5)  # let the spinners reach the run queue (load, not synchronisation)
                 try:
                     for name in names:
@@ -91,8 +110,10 @@ def main() -> int:
                         sp.kill()
                         sp.wait()
     cores = args.cpus or str(os.cpu_count())
-    print(f"\n| threads ({args.n} images, 1 epoch, cores {cores}, medians of {args.repeats}) | quiet img/s | "
-          f"beside {args.busy} busy process img/s | busy / quiet |")
+    print(
+        f"\n| threads ({args.n} images, 1 epoch, cores {cores}, medians of {args.repeats}) | quiet img/s | "
+        f"beside {args.busy} busy process img/s | busy / quiet |"
+    )
     print("|---|---|---|---|")
     for name in names:
         q = statistics.median(results[(name, "quiet")])

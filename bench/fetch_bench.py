@@ -31,8 +31,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    PYTHON, ROOT, BenchServer, RunResult, ToolFailed, add_common_args, demo_server, interleave, log, median,
-    run_measured, write_table, work_dir,
+    PYTHON,
+    ROOT,
+    BenchServer,
+    RunResult,
+    ToolFailed,
+    add_common_args,
+    demo_server,
+    interleave,
+    log,
+    median,
+    run_measured,
+    write_table,
+    work_dir,
 )
 
 AWSCLI_VENV = ROOT / "bench" / ".venv-awscli"
@@ -51,10 +62,17 @@ def ensure_awscli() -> tuple[str | None, str]:
         log(f"installing {AWSCLI_REQUIREMENT} into {AWSCLI_VENV} (it pins its own botocore, so not into .venv)")
         try:
             subprocess.run([sys.executable, "-m", "venv", "--clear", str(AWSCLI_VENV)], check=True, capture_output=True)
-            subprocess.run([str(AWSCLI_VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", AWSCLI_REQUIREMENT],
-                           check=True, capture_output=True, text=True)
+            subprocess.run(
+                [str(AWSCLI_VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", AWSCLI_REQUIREMENT],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
         except subprocess.CalledProcessError as e:
-            return None, f"aws s3 sync skipped: installing {AWSCLI_REQUIREMENT} failed ({(e.stderr or '').strip()[-200:]})"
+            return (
+                None,
+                f"aws s3 sync skipped: installing {AWSCLI_REQUIREMENT} failed ({(e.stderr or '').strip()[-200:]})",
+            )
     version = subprocess.run([str(aws), "--version"], capture_output=True, text=True).stdout.strip() or "aws"
     return str(aws), version.split()[0]
 
@@ -65,8 +83,11 @@ def ensure_rclone() -> tuple[str | None, str]:
     if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
         log("installing rclone with apt-get")
         subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "rclone"], capture_output=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "rclone"],
+            capture_output=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
         path = shutil.which("rclone")
     if path is None:
         return None, "rclone skipped: not installed (apt-get install rclone)"
@@ -90,16 +111,36 @@ class Tool:
 
 def tess_tool(name: str, *extra: str) -> Tool:
     def command(target: Path, server: BenchServer) -> list[str]:
-        return [PYTHON, "-m", "pipeline", "fetch", server.prefix, "--endpoint", server.endpoint,
-                "--cache-dir", str(target), "--no-progress", *extra]
+        return [
+            PYTHON,
+            "-m",
+            "pipeline",
+            "fetch",
+            server.prefix,
+            "--endpoint",
+            server.endpoint,
+            "--cache-dir",
+            str(target),
+            "--no-progress",
+            *extra,
+        ]
 
     return Tool(name=name, command=command, counted_from_output=True, noop=not extra)
 
 
 def aws_tool(name: str, aws: str, concurrency: int | None) -> Tool:
     def command(target: Path, server: BenchServer) -> list[str]:
-        return [aws, "s3", "sync", server.prefix, str(target), "--endpoint-url", server.endpoint,
-                "--only-show-errors", "--no-progress"]
+        return [
+            aws,
+            "s3",
+            "sync",
+            server.prefix,
+            str(target),
+            "--endpoint-url",
+            server.endpoint,
+            "--only-show-errors",
+            "--no-progress",
+        ]
 
     def env(server: BenchServer, scratch: Path) -> dict[str, str]:
         config = scratch / f"aws-config-{concurrency or 'default'}"
@@ -107,14 +148,18 @@ def aws_tool(name: str, aws: str, concurrency: int | None) -> Tool:
         if concurrency:
             lines.append(f"  max_concurrent_requests = {concurrency}")
         config.write_text("\n".join(lines) + "\n")
-        return {**server.env(), "AWS_CONFIG_FILE": str(config), "AWS_SHARED_CREDENTIALS_FILE": str(scratch / "no-credentials")}
+        return {
+            **server.env(),
+            "AWS_CONFIG_FILE": str(config),
+            "AWS_SHARED_CREDENTIALS_FILE": str(scratch / "no-credentials"),
+        }
 
     return Tool(name=name, command=command, env=env, noop=concurrency is None)
 
 
 def rclone_tool(rclone: str) -> Tool:
     def command(target: Path, server: BenchServer) -> list[str]:
-        bucket_prefix = server.prefix[len("s3://"):]
+        bucket_prefix = server.prefix[len("s3://") :]
         return [rclone, "copy", f"bench:{bucket_prefix}", str(target), "--transfers", "16", "--checkers", "16", "-q"]
 
     def env(server: BenchServer, scratch: Path) -> dict[str, str]:
@@ -122,25 +167,48 @@ def rclone_tool(rclone: str) -> Tool:
         config = scratch / "rclone.conf"
         config.touch()
         return {
-            **base, "RCLONE_CONFIG": str(config),
-            "RCLONE_CONFIG_BENCH_TYPE": "s3", "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
-            "RCLONE_CONFIG_BENCH_ENDPOINT": server.endpoint, "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
+            **base,
+            "RCLONE_CONFIG": str(config),
+            "RCLONE_CONFIG_BENCH_TYPE": "s3",
+            "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
+            "RCLONE_CONFIG_BENCH_ENDPOINT": server.endpoint,
+            "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
             "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": base["AWS_ACCESS_KEY_ID"],
             "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": base["AWS_SECRET_ACCESS_KEY"],
-            "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true", "RCLONE_CONFIG_BENCH_NO_CHECK_BUCKET": "true",
+            "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true",
+            "RCLONE_CONFIG_BENCH_NO_CHECK_BUCKET": "true",
         }
 
     return Tool(name="rclone copy (16/16)", command=command, env=env, noop=True)
 
 
 def boto3_tool() -> Tool:
-    return Tool(name="boto3 thread pool (16)", command=lambda target, server: [
-        PYTHON, str(TOOLS / "boto3_mirror.py"), server.prefix, str(target), server.endpoint, "16"])
+    return Tool(
+        name="boto3 thread pool (16)",
+        command=lambda target, server: [
+            PYTHON,
+            str(TOOLS / "boto3_mirror.py"),
+            server.prefix,
+            str(target),
+            server.endpoint,
+            "16",
+        ],
+    )
 
 
 def dataloader_tool() -> Tool:
-    return Tool(name="old per-item DataLoader (-w 4)", command=lambda target, server: [
-        PYTHON, str(TOOLS / "dataloader_download.py"), server.prefix, str(target), server.endpoint, "4", "16"])
+    return Tool(
+        name="old per-item DataLoader (-w 4)",
+        command=lambda target, server: [
+            PYTHON,
+            str(TOOLS / "dataloader_download.py"),
+            server.prefix,
+            str(target),
+            server.endpoint,
+            "4",
+            "16",
+        ],
+    )
 
 
 def all_tools(notes: list[str]) -> dict[str, Tool]:
@@ -227,8 +295,9 @@ def add_ratios(rows: list[dict[str, object]], names: dict[str, str]) -> None:
         r["x aws CPU/obj"] = r["CPU ms/object"] / aws["CPU ms/object"] if aws else float("nan")
 
 
-def run_cold(tools: dict[str, Tool], chosen: list[str], server: BenchServer, scratch: Path, repeats: int
-             ) -> tuple[dict[str, list[tuple[RunResult, int]]], dict[str, Path]]:
+def run_cold(
+    tools: dict[str, Tool], chosen: list[str], server: BenchServer, scratch: Path, repeats: int
+) -> tuple[dict[str, list[tuple[RunResult, int]]], dict[str, Path]]:
     """Interleaved cold runs; keeps the first round's folder of each no-op-capable tool for 1b."""
     kept: dict[str, Path] = {}
     failures: dict[str, str] = {}
@@ -247,8 +316,10 @@ def run_cold(tools: dict[str, Tool], chosen: list[str], server: BenchServer, scr
             log(f"{tool.name} failed: {e}")
             return None
         count = objects_in(target, tool, result)
-        log(f"  {tool.name}: {result.wall_s:.1f} s wall, {result.cpu_s:.1f} CPU-s, {count} objects, "
-            f"server {result.server_cpu_s:.1f} CPU-s, GET {result.requests.get('GET', 0)}")
+        log(
+            f"  {tool.name}: {result.wall_s:.1f} s wall, {result.cpu_s:.1f} CPU-s, {count} objects, "
+            f"server {result.server_cpu_s:.1f} CPU-s, GET {result.requests.get('GET', 0)}"
+        )
         if tool.noop and round_ == 0:
             kept[key] = target
         else:
@@ -266,43 +337,81 @@ def run_measured_tool(tool: Tool, target: Path, server: BenchServer, scratch: Pa
     return run_measured(tool.command(target, server), env=tool.env(server, scratch), server=server)
 
 
-def run_noop(tools: dict[str, Tool], kept: dict[str, Path], server: BenchServer, scratch: Path, repeats: int
-             ) -> list[dict[str, object]]:
+def run_noop(
+    tools: dict[str, Tool], kept: dict[str, Path], server: BenchServer, scratch: Path, repeats: int
+) -> list[dict[str, object]]:
     """Re-run each no-op-capable tool over its filled folder; median wall and request counts."""
+
     def one(key: str, round_: int) -> RunResult:
         return run_measured_tool(tools[key], kept[key], server, scratch)
 
     results = interleave(list(kept), repeats, one)
     rows = []
     for key, runs in results.items():
-        rows.append({
-            "tool": tools[key].name,
-            "runs": len(runs),
-            "wall s": median([r.wall_s for r in runs]),
-            "client CPU s": median([r.cpu_s for r in runs]),
-            "GET": max(r.requests.get("GET", 0) for r in runs),
-            "HEAD": max(r.requests.get("HEAD", 0) for r in runs),
-            "LIST": max(r.requests.get("LIST", 0) for r in runs),
-            "server CPU s": median([r.server_cpu_s for r in runs]),
-            "wall s (all runs)": " / ".join(f"{r.wall_s:.2f}" for r in runs),
-        })
+        rows.append(
+            {
+                "tool": tools[key].name,
+                "runs": len(runs),
+                "wall s": median([r.wall_s for r in runs]),
+                "client CPU s": median([r.cpu_s for r in runs]),
+                "GET": max(r.requests.get("GET", 0) for r in runs),
+                "HEAD": max(r.requests.get("HEAD", 0) for r in runs),
+                "LIST": max(r.requests.get("LIST", 0) for r in runs),
+                "server CPU s": median([r.server_cpu_s for r in runs]),
+                "wall s (all runs)": " / ".join(f"{r.wall_s:.2f}" for r in runs),
+            }
+        )
     aws = next((r for r in rows if r["tool"].startswith("aws")), None)
     for r in rows:
         r["x aws wall"] = r["wall s"] / aws["wall s"] if aws else float("nan")
     return rows
 
 
-COLD_COLUMNS = ("tool", "wall s", "objects/s", "MB/s", "client CPU s", "CPU ms/object", "peak RSS MB (tree)",
-                "peak PSS MB (tree)", "max RSS MB (1 proc)", "procs", "server CPU s", "server busy %", "GET", "HEAD",
-                "LIST", "x aws obj/s", "x rclone obj/s", "x aws CPU/obj", "complete", "runs", "wall s (all runs)")
-NOOP_COLUMNS = ("tool", "wall s", "x aws wall", "client CPU s", "GET", "HEAD", "LIST", "server CPU s", "runs", "wall s (all runs)")
+COLD_COLUMNS = (
+    "tool",
+    "wall s",
+    "objects/s",
+    "MB/s",
+    "client CPU s",
+    "CPU ms/object",
+    "peak RSS MB (tree)",
+    "peak PSS MB (tree)",
+    "max RSS MB (1 proc)",
+    "procs",
+    "server CPU s",
+    "server busy %",
+    "GET",
+    "HEAD",
+    "LIST",
+    "x aws obj/s",
+    "x rclone obj/s",
+    "x aws CPU/obj",
+    "complete",
+    "runs",
+    "wall s (all runs)",
+)
+NOOP_COLUMNS = (
+    "tool",
+    "wall s",
+    "x aws wall",
+    "client CPU s",
+    "GET",
+    "HEAD",
+    "LIST",
+    "server CPU s",
+    "runs",
+    "wall s (all runs)",
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    parser.add_argument("--variants", default="tess,tess-w2,tess-w1,tess-w2c2,aws,aws32,rclone,boto3,dataloader",
-                        help="comma-separated tools (default: all)")
+    parser.add_argument(
+        "--variants",
+        default="tess,tess-w2,tess-w1,tess-w2c2,aws,aws32,rclone,boto3,dataloader",
+        help="comma-separated tools (default: all)",
+    )
     parser.add_argument("--no-noop", action="store_true", help="skip the no-op re-fetch (1b)")
     args = parser.parse_args()
     notes: list[str] = []
@@ -326,9 +435,16 @@ def main() -> None:
         write_table(f"fetch_cold_n{args.n}", f"Cold fetch of {args.n} demo objects (1a)", rows, COLD_COLUMNS, notes)
         if not args.no_noop and kept:
             noop_rows = run_noop(tools, kept, server, scratch, args.repeats)
-            write_table(f"fetch_noop_n{args.n}", f"No-op re-fetch of the unchanged prefix, N = {args.n} (1b)", noop_rows,
-                        NOOP_COLUMNS, [f"each tool re-run over the folder its first cold round filled; medians of {args.repeats}; "
-                                       "GET/HEAD/LIST = the most any run sent"])
+            write_table(
+                f"fetch_noop_n{args.n}",
+                f"No-op re-fetch of the unchanged prefix, N = {args.n} (1b)",
+                noop_rows,
+                NOOP_COLUMNS,
+                [
+                    f"each tool re-run over the folder its first cold round filled; medians of {args.repeats}; "
+                    "GET/HEAD/LIST = the most any run sent"
+                ],
+            )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def best_cpu(fn: Callable[[], object], repeats: int) -> float:
 def receive(endpoint: str, bucket: str, key: str, size: int) -> None:
     """The object's ranged GETs as the mirror sends them (part size, parts in flight), bodies dropped."""
     from pipeline.config import ClientOptions
-    from pipeline.mirror_types import MirrorSettings
+    from pipeline.fetch.mirror_types import MirrorSettings
     from pipeline.transport import loop
     from pipeline.transport.client import client_for
 
@@ -81,18 +81,18 @@ def digest(name: str, data: memoryview) -> None:
 
         v = 0
         for i in range(0, len(data), PIECE):
-            v = checksums.crc64nvme(data[i:i + PIECE], v)
+            v = checksums.crc64nvme(data[i : i + PIECE], v)
         return
     h = hashlib.new(name)
     for i in range(0, len(data), PIECE):
-        h.update(data[i:i + PIECE])
+        h.update(data[i : i + PIECE])
 
 
 def write(folder: Path, data: memoryview) -> None:
     path = folder / "write.tmp"
     with open(path, "wb") as f:
         for i in range(0, len(data), PIECE):
-            f.write(data[i:i + PIECE])
+            f.write(data[i : i + PIECE])
         f.flush()
         os.fsync(f.fileno())
     path.unlink()
@@ -105,8 +105,23 @@ def whole_fetch(target, scratch: Path, repeats: int) -> tuple[float, float]:
         cache = scratch / f"cache-{r}"
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        subprocess.run([PYTHON, "-m", "pipeline", "fetch", target.prefix, "--endpoint", target.endpoint, "--cache-dir",
-                        str(cache), "--no-progress"], env=target.env(), check=True, capture_output=True)
+        subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "pipeline",
+                "fetch",
+                target.prefix,
+                "--endpoint",
+                target.endpoint,
+                "--cache-dir",
+                str(cache),
+                "--no-progress",
+            ],
+            env=target.env(),
+            check=True,
+            capture_output=True,
+        )
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
@@ -120,11 +135,13 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    subprocess.run([PYTHON, "-m", "compileall", "-q", "cache", "pipeline"], check=False)  # what an installed package has
+    subprocess.run(
+        [PYTHON, "-m", "compileall", "-q", "cache", "pipeline"], check=False
+    )  # what an installed package has
     rows: list[dict[str, object]] = []
     with work_dir(None, "large-cpu") as scratch, large_set(args.mb, 1, scratch) as t:
         os.environ.update(t.env())
-        bucket, prefix = t.prefix[len("s3://"):].split("/", 1)
+        bucket, prefix = t.prefix[len("s3://") :].split("/", 1)
         key, size = f"{prefix}blob-0.bin", t.total_bytes
         mb = size / 1e6
         data = memoryview(os.urandom(size))
@@ -133,8 +150,11 @@ def main() -> int:
             rows.append({"stage": stage, "CPU s": cpu, "CPU ms/MB": cpu * 1000 / mb, "what": what})
             log(f"{stage}: {cpu * 1000 / mb:.2f} ms/MB")
 
-        row("receive", best_cpu(lambda: receive(t.endpoint, bucket, key, size), args.repeats),
-            "ranged GETs through tess's transport, bodies dropped")
+        row(
+            "receive",
+            best_cpu(lambda: receive(t.endpoint, bucket, key, size), args.repeats),
+            "ranged GETs through tess's transport, bodies dropped",
+        )
         for name in ("sha256", "md5", "crc64nvme"):
             row(name, best_cpu(lambda n=name: digest(n, data), args.repeats), f"{name} of the bytes in 1 MiB pieces")
         row("write", best_cpu(lambda: write(scratch, data), args.repeats), "write to a temp file, fsync")
@@ -143,8 +163,13 @@ def main() -> int:
         cpu, wall = whole_fetch(t, scratch, args.repeats)
         row("fetch", cpu, f"python -m pipeline fetch, the whole process ({wall:.2f} s wall, {mb / wall:.0f} MB/s)")
         row("fetch - stages", cpu - stages, "start-up, listing, HEAD, thread hand-offs, manifest: tess's overhead")
-    write_table("large_cpu", f"Client CPU of one {args.mb} MB object, by stage (best of {args.repeats})", rows,
-                ["stage", "CPU s", "CPU ms/MB", "what"], [f"s3rver on 127.0.0.1; MB = 10^6 bytes; {os.cpu_count()} cores"])
+    write_table(
+        "large_cpu",
+        f"Client CPU of one {args.mb} MB object, by stage (best of {args.repeats})",
+        rows,
+        ["stage", "CPU s", "CPU ms/MB", "what"],
+        [f"s3rver on 127.0.0.1; MB = 10^6 bytes; {os.cpu_count()} cores"],
+    )
     return 0
 
 

@@ -67,7 +67,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    RunResult, ToolFailed, env_int, interleave, log, median, proc_cpu_seconds, run_measured, work_dir, write_table,
+    RunResult,
+    ToolFailed,
+    env_int,
+    interleave,
+    log,
+    median,
+    proc_cpu_seconds,
+    run_measured,
+    work_dir,
+    write_table,
 )
 from bench.mirror_sets import Target, large_set, latency_set, moto_set, small_set, tls_set  # noqa: E402
 from bench.mirror_targets import STARTUP_RUNS, targets  # noqa: E402
@@ -83,19 +92,23 @@ NOOP_RUNS = 3
 # What a run without the CA may cost at most: rclone retries (3 x 10 low-level) for minutes unless told not to.
 NO_CA_ENV = {"RCLONE_RETRIES": "1", "RCLONE_LOW_LEVEL_RETRIES": "1"}
 NO_CA_TIMEOUT_S = 120
-TLS_NOTE = ("tls set: no tool inherits a CA variable; tess, s5cmd and aws get AWS_CA_BUNDLE, rclone --ca-cert (with "
-            "AWS_CA_BUNDLE set, rclone 1.60 fails: LoadCustomCABundleError), curl --cacert, "
-            f"tess@{PREV_COMMIT} AWS_CA_BUNDLE and SSL_CERT_FILE (its obstore GETs read only the latter); "
-            "s3torchconnector has no CA option and is left out")
+TLS_NOTE = (
+    "tls set: no tool inherits a CA variable; tess, s5cmd and aws get AWS_CA_BUNDLE, rclone --ca-cert (with "
+    "AWS_CA_BUNDLE set, rclone 1.60 fails: LoadCustomCABundleError), curl --cacert, "
+    f"tess@{PREV_COMMIT} AWS_CA_BUNDLE and SSL_CERT_FILE (its obstore GETs read only the latter); "
+    "s3torchconnector has no CA option and is left out"
+)
 
 
 # -- measuring ----------------------------------------------------------------------------------------
 
 
-KEPT_COPIES_NOTE = ("every run copies into a fresh folder, and the copies are removed only after the last set (the large "
-                    "sets' and one100's few big files after each run): ext4 slows the allocation of new inodes for about a minute after "
-                    "thousands of files are deleted (measured up to ~1 ms of kernel CPU per file, ~25 us on a calm disk), "
-                    "which deleting each copy before the next run made dominate CPU ms/object")
+KEPT_COPIES_NOTE = (
+    "every run copies into a fresh folder, and the copies are removed only after the last set (the large "
+    "sets' and one100's few big files after each run): ext4 slows the allocation of new inodes for about a minute after "
+    "thousands of files are deleted (measured up to ~1 ms of kernel CPU per file, ~25 us on a calm disk), "
+    "which deleting each copy before the next run made dominate CPU ms/object"
+)
 
 
 @contextlib.contextmanager
@@ -133,8 +146,9 @@ def object_gets(target: Target) -> int:
     return int(target.counts().get("GET", 0)) if target.counts else 0
 
 
-def measure(bench: Bench, target: Target, label: str, only: Collection[str] | None = None,
-            discard: bool = False) -> list[dict[str, object]]:
+def measure(
+    bench: Bench, target: Target, label: str, only: Collection[str] | None = None, discard: bool = False
+) -> list[dict[str, object]]:
     """Every tool (of ``only``, when given) in interleaved rounds, each run into a fresh folder; one row per tool.
 
     ``discard``: remove each copy right after its run (only for sets of a few large objects).
@@ -147,7 +161,9 @@ def measure(bench: Bench, target: Target, label: str, only: Collection[str] | No
         dest.mkdir()
         cpu0, gets0 = proc_cpu_seconds(target.server_pid), object_gets(target)
         try:
-            res = run_measured(tool.command(target, dest), env=tool.env(target, bench.scratch), cwd=tool.cwd, timeout=1200)
+            res = run_measured(
+                tool.command(target, dest), env=tool.env(target, bench.scratch), cwd=tool.cwd, timeout=1200
+            )
         except ToolFailed as e:
             log(f"{name} failed: {e}")
             return None
@@ -161,19 +177,36 @@ def measure(bench: Bench, target: Target, label: str, only: Collection[str] | No
     rows = []
     for name, results in interleave(list(tools), bench.repeats, run).items():
         if not results:
-            rows.append({"set": label, "tool": tools[name].name, "key": name, "runs": 0, "objects": target.n,
-                         "set MB": target.total_bytes / 1e6})
+            rows.append(
+                {
+                    "set": label,
+                    "tool": tools[name].name,
+                    "key": name,
+                    "runs": 0,
+                    "objects": target.n,
+                    "set MB": target.total_bytes / 1e6,
+                }
+            )
             continue
         wall, cpu = median([r.wall_s for r in results]), median([r.cpu_s for r in results])
-        rows.append({
-            "set": label, "tool": tools[name].name, "key": name, "runs": len(results), "objects": target.n,
-            "set MB": target.total_bytes / 1e6, "wall s": wall, "objects/s": target.n / wall,
-            "MB/s": target.total_bytes / 1e6 / wall,
-            "client CPU s": cpu, "CPU ms/object": cpu * 1000 / target.n,
-            "peak RSS MB": median([r.peak_rss_mb for r in results]),
-            "server CPU s": median([r.server_cpu_s for r in results]),
-            "GETs": int(median([r.requests["GET"] for r in results])) if target.counts else "",
-        })
+        rows.append(
+            {
+                "set": label,
+                "tool": tools[name].name,
+                "key": name,
+                "runs": len(results),
+                "objects": target.n,
+                "set MB": target.total_bytes / 1e6,
+                "wall s": wall,
+                "objects/s": target.n / wall,
+                "MB/s": target.total_bytes / 1e6 / wall,
+                "client CPU s": cpu,
+                "CPU ms/object": cpu * 1000 / target.n,
+                "peak RSS MB": median([r.peak_rss_mb for r in results]),
+                "server CPU s": median([r.server_cpu_s for r in results]),
+                "GETs": int(median([r.requests["GET"] for r in results])) if target.counts else "",
+            }
+        )
     return rows
 
 
@@ -185,7 +218,7 @@ def _telling_line(output: str, width: int = 150) -> str:
         hits = [i for i in (line.lower().find(w) for w in ("certificate", "x509", "ssl")) if i >= 0]
         if hits:
             start = 0 if len(line) <= width else max(0, min(hits) - 40)
-            return ("..." if start else "") + line[start:start + width] + ("..." if start + width < len(line) else "")
+            return ("..." if start else "") + line[start : start + width] + ("..." if start + width < len(line) else "")
     return lines[-1][-width:]
 
 
@@ -198,14 +231,25 @@ def ca_check(bench: Bench, target: Target, only: Collection[str]) -> None:
         dest.mkdir()
         log(f"tls check: {name} without the CA")
         try:
-            res = run_measured(tool.command(bare, dest), env={**tool.env(bare, bench.scratch), **NO_CA_ENV}, cwd=tool.cwd,
-                               timeout=NO_CA_TIMEOUT_S)
+            res = run_measured(
+                tool.command(bare, dest),
+                env={**tool.env(bare, bench.scratch), **NO_CA_ENV},
+                cwd=tool.cwd,
+                timeout=NO_CA_TIMEOUT_S,
+            )
             outcome, why = "ACCEPTED", _telling_line(res.output)
         except ToolFailed as e:
             outcome, why = "refused", _telling_line(str(e).split("\n", 1)[-1])  # without the "exited N:" line
         files = sum(1 for p in dest.rglob("*") if p.is_file())
-        bench.checks.append({"tool": tool.name, "key": name, "without the CA": outcome, "files written": files,
-                             "why (its output)": why.replace("|", "/")})
+        bench.checks.append(
+            {
+                "tool": tool.name,
+                "key": name,
+                "without the CA": outcome,
+                "files written": files,
+                "why (its output)": why.replace("|", "/"),
+            }
+        )
 
 
 def noop_rows(bench: Bench, target: Target) -> list[dict[str, object]]:
@@ -220,13 +264,18 @@ def noop_rows(bench: Bench, target: Target) -> list[dict[str, object]]:
             continue
         tool = bench.tools[name]
         command = tool.noop_command or tool.command
-        label = f"{tool.name.split(' (')[0]} again over its complete cache" if name.startswith("tess") else \
-            "s5cmd sync onto its complete folder"
+        label = (
+            f"{tool.name.split(' (')[0]} again over its complete cache"
+            if name.startswith("tess")
+            else "s5cmd sync onto its complete folder"
+        )
         walls, cpus, gets = [], [], []
         for _ in range(NOOP_RUNS):
             before = object_gets(target)
             try:
-                res = run_measured(command(target, dest), env=tool.env(target, bench.scratch), cwd=tool.cwd, timeout=600)
+                res = run_measured(
+                    command(target, dest), env=tool.env(target, bench.scratch), cwd=tool.cwd, timeout=600
+                )
             except ToolFailed as e:
                 log(f"no-op {name} failed: {e}")
                 break
@@ -236,8 +285,17 @@ def noop_rows(bench: Bench, target: Target) -> list[dict[str, object]]:
         if not walls:
             rows.append({"set": "no-op", "tool": label, "key": name, "runs": 0})
             continue
-        rows.append({"set": "no-op", "tool": label, "key": name, "runs": len(walls), "wall s": median(walls),
-                     "client CPU s": median(cpus), "GETs": max(gets)})
+        rows.append(
+            {
+                "set": "no-op",
+                "tool": label,
+                "key": name,
+                "runs": len(walls),
+                "wall s": median(walls),
+                "client CPU s": median(cpus),
+                "GETs": max(gets),
+            }
+        )
     return rows
 
 
@@ -256,11 +314,22 @@ def startup_rows(notes: list[str]) -> list[dict[str, object]]:
         if i:  # the first run only warms the page cache
             results.append(res)
     walls = [r.wall_s for r in results]
-    notes.append(f"start-up: `{' '.join(['python', *command[1:]])}` (tess's venv), one untimed run, then walls "
-                 + " / ".join(f"{w:.3f}" for w in walls) + " s")
-    return [{"set": "start-up", "tool": "python -m pipeline fetch --help", "key": "tess", "runs": len(walls),
-             "wall s": median(walls), "client CPU s": median([r.cpu_s for r in results]),
-             "peak RSS MB": median([r.peak_rss_mb for r in results])}]
+    notes.append(
+        f"start-up: `{' '.join(['python', *command[1:]])}` (tess's venv), one untimed run, then walls "
+        + " / ".join(f"{w:.3f}" for w in walls)
+        + " s"
+    )
+    return [
+        {
+            "set": "start-up",
+            "tool": "python -m pipeline fetch --help",
+            "key": "tess",
+            "runs": len(walls),
+            "wall s": median(walls),
+            "client CPU s": median([r.cpu_s for r in results]),
+            "peak RSS MB": median([r.peak_rss_mb for r in results]),
+        }
+    ]
 
 
 def run_set(name: str, args: argparse.Namespace, bench: Bench) -> list[dict[str, object]]:
@@ -278,9 +347,11 @@ def run_set(name: str, args: argparse.Namespace, bench: Bench) -> list[dict[str,
     if name in ("large", "large4", "one100"):
         # Deleting a few files does not slow the next run down, and keeping every copy of 7 tools x rounds of
         # 512 MB objects would fill tens of GB.
-        mb, count, tools = {"large": (args.large_mb, args.large_count, LARGE_TOOLS),
-                            "large4": (args.large4_mb, args.large4_count, LARGE_TOOLS),
-                            "one100": (args.one100_mb, 1, ONE100_TOOLS)}[name]
+        mb, count, tools = {
+            "large": (args.large_mb, args.large_count, LARGE_TOOLS),
+            "large4": (args.large4_mb, args.large4_count, LARGE_TOOLS),
+            "one100": (args.one100_mb, 1, ONE100_TOOLS),
+        }[name]
         with large_set(mb, count, bench.scratch, name=name) as t:
             return measure(bench, t, name, only=tools, discard=True)
     with moto_set(args.n) as t:
@@ -290,22 +361,34 @@ def run_set(name: str, args: argparse.Namespace, bench: Bench) -> list[dict[str,
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {', '.join(SETS)}")
-    parser.add_argument("--tools", default=",".join(TOOL_KEYS), help=f"comma-separated subset of {', '.join(TOOL_KEYS)}")
-    parser.add_argument("--n", type=int, default=env_int("N", 5000), help="objects of the small and tls sets (default 5000)")
-    parser.add_argument("--latency-n", type=int, default=None,
-                        help="objects of the latency set (default 2000, or --n if smaller)")
-    parser.add_argument("--large-mb", type=int, default=env_int("LARGE_MB", 256),
-                        help="MB per object of the large set (default 256)")
+    parser.add_argument(
+        "--tools", default=",".join(TOOL_KEYS), help=f"comma-separated subset of {', '.join(TOOL_KEYS)}"
+    )
+    parser.add_argument(
+        "--n", type=int, default=env_int("N", 5000), help="objects of the small and tls sets (default 5000)"
+    )
+    parser.add_argument(
+        "--latency-n", type=int, default=None, help="objects of the latency set (default 2000, or --n if smaller)"
+    )
+    parser.add_argument(
+        "--large-mb", type=int, default=env_int("LARGE_MB", 256), help="MB per object of the large set (default 256)"
+    )
     parser.add_argument("--large-count", type=int, default=2, help="objects of the large set (default 2)")
-    parser.add_argument("--large4-mb", type=int, default=env_int("LARGE4_MB", 512),
-                        help="MB per object of the large4 set (default 512)")
+    parser.add_argument(
+        "--large4-mb", type=int, default=env_int("LARGE4_MB", 512), help="MB per object of the large4 set (default 512)"
+    )
     parser.add_argument("--large4-count", type=int, default=4, help="objects of the large4 set (default 4)")
-    parser.add_argument("--one100-mb", type=int, default=env_int("ONE100_MB", 100),
-                        help="MB of the one100 set's single object (default 100)")
+    parser.add_argument(
+        "--one100-mb",
+        type=int,
+        default=env_int("ONE100_MB", 100),
+        help="MB of the one100 set's single object (default 100)",
+    )
     parser.add_argument("--repeats", type=int, default=env_int("REPEATS", 2))
     parser.add_argument("--work-dir", default=None)
-    parser.add_argument("--dest-root", default=None,
-                        help="where the tools write their copies (e.g. /dev/shm/x to leave the disk out)")
+    parser.add_argument(
+        "--dest-root", default=None, help="where the tools write their copies (e.g. /dev/shm/x to leave the disk out)"
+    )
     args = parser.parse_args()
     args.latency_n = args.latency_n or min(2000, args.n)
     unknown = [s for s in args.sets.split(",") if s and s not in SETS]
@@ -317,9 +400,12 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     sets = [s for s in args.sets.split(",") if s]
-    notes: list[str] = [f"tess@{PREV_COMMIT}: tess just before the one transport; tess@{BASE_COMMIT}: tess before the "
-                        "fetch-engine work; both unpacked with git archive and run from their own trees with tess's venv",
-                        f"copies written under {args.dest_root or 'the scratch folder on disk'}", KEPT_COPIES_NOTE]
+    notes: list[str] = [
+        f"tess@{PREV_COMMIT}: tess just before the one transport; tess@{BASE_COMMIT}: tess before the "
+        "fetch-engine work; both unpacked with git archive and run from their own trees with tess's venv",
+        f"copies written under {args.dest_root or 'the scratch folder on disk'}",
+        KEPT_COPIES_NOTE,
+    ]
     if "tls" in sets:
         notes.insert(1, TLS_NOTE)
     rows: list[dict[str, object]] = []
@@ -329,15 +415,39 @@ def main() -> int:
         rows += startup_rows(notes)
         for name in [s for s in SETS if s in sets]:
             rows += run_set(name, args, bench)
-    columns = ["set", "tool", "runs", "wall s", "objects/s", "MB/s", "client CPU s", "CPU ms/object", "peak RSS MB",
-               "server CPU s", "GETs"]
-    write_table("mirror_fetch", f"Fetch: tess, its earlier code and peers, medians of {args.repeats} interleaved rounds",
-                rows, columns, notes)
+    columns = [
+        "set",
+        "tool",
+        "runs",
+        "wall s",
+        "objects/s",
+        "MB/s",
+        "client CPU s",
+        "CPU ms/object",
+        "peak RSS MB",
+        "server CPU s",
+        "GETs",
+    ]
+    write_table(
+        "mirror_fetch",
+        f"Fetch: tess, its earlier code and peers, medians of {args.repeats} interleaved rounds",
+        rows,
+        columns,
+        notes,
+    )
     if bench.checks:
-        write_table("mirror_tls_check", "TLS set: each tool once without the CA (must be refused)", bench.checks,
-                    ["tool", "without the CA", "files written", "why (its output)"])
-    write_table("mirror_targets", "Targets of the fetch bench (tess = the working tree's default fetch)",
-                targets(rows, bench.checks), ["target", "measured", "status"])
+        write_table(
+            "mirror_tls_check",
+            "TLS set: each tool once without the CA (must be refused)",
+            bench.checks,
+            ["tool", "without the CA", "files written", "why (its output)"],
+        )
+    write_table(
+        "mirror_targets",
+        "Targets of the fetch bench (tess = the working tree's default fetch)",
+        targets(rows, bench.checks),
+        ["target", "measured", "status"],
+    )
     return 0
 
 

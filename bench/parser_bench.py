@@ -74,7 +74,9 @@ def main() -> None:
     for name, fn in (("h11", with_h11), ("httptools", with_httptools)):
         t = time.process_time()
         fn()
-        print(f"{name:10s} {(time.process_time() - t) / N * 1e6:6.1f} us CPU per answer ({h11.__version__ if name == 'h11' else httptools.__version__})")
+        print(
+            f"{name:10s} {(time.process_time() - t) / N * 1e6:6.1f} us CPU per answer ({h11.__version__ if name == 'h11' else httptools.__version__})"
+        )
 
 
 if __name__ == "__main__":

@@ -40,9 +40,13 @@ def tables_for(name: str, n: int) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=env_int("N", 5000), help="demo objects (default $N or 5000)")
-    parser.add_argument("--repeats", type=int, default=env_int("REPEATS", 3), help="interleaved runs per variant (default 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=env_int("REPEATS", 3), help="interleaved runs per variant (default 3)"
+    )
     parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {', '.join(BENCHES)}")
-    parser.add_argument("--collect", action="store_true", help="run nothing; join the latest tables for --n into the summary")
+    parser.add_argument(
+        "--collect", action="store_true", help="run nothing; join the latest tables for --n into the summary"
+    )
     args = parser.parse_args()
     chosen = [b for b in args.only.split(",") if b]
     unknown = [b for b in chosen if b not in BENCHES]

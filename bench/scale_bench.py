@@ -28,7 +28,7 @@ Part ``manifest`` (:mod:`bench.scale_manifest`; tables ``scale_manifest_<records
 both times, the bytes of the loaded arrays (``ManifestArrays.nbytes``) and the resident-memory growth of this
 process. Then a ``CachedImageDataset(check_blobs=False)`` whose items do the per-sample lookup work of training
 (blob path and label) but return a zero tensor is read for 100,000 samples by a DataLoader with ``-w 2``, set up
-as ``pipeline.train`` sets it up (batch sampler over shuffled indices, persistent workers, prefetch 4). Each
+as ``pipeline.train.loop`` sets it up (batch sampler over shuffled indices, persistent workers, prefetch 4). Each
 worker's memory is read from ``/proc/<pid>`` after the first batch and after the pass: RSS, and the private
 (USS) part, which is where copy-on-read would show (a forked worker's RSS already counts the pages it shares
 with the parent). Target: under 50 MB growth per worker.
@@ -53,7 +53,14 @@ from typing import TYPE_CHECKING
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    RunResult, ToolFailed, interleave, log, median, run_measured, write_table, work_dir,
+    RunResult,
+    ToolFailed,
+    interleave,
+    log,
+    median,
+    run_measured,
+    write_table,
+    work_dir,
 )
 from cache.manifest import read_manifest_header  # noqa: E402
 from bench.scale_manifest import manifest_part  # noqa: E402
@@ -159,8 +166,14 @@ def _row(label: str, tool: str, key: str, n: int, runs: list[Run]) -> dict[str, 
         return {"run": label, "tool": tool, "key": key, "objects": n, "runs": 0}
     wall = median([r.res.wall_s for r in runs])
     row: dict[str, object] = {
-        "run": label, "tool": tool, "key": key, "objects": n, "runs": len(runs), "wall s": wall,
-        "client CPU s": median([r.res.cpu_s for r in runs]), "peak RSS MB": median([r.res.peak_rss_mb for r in runs]),
+        "run": label,
+        "tool": tool,
+        "key": key,
+        "objects": n,
+        "runs": len(runs),
+        "wall s": wall,
+        "client CPU s": median([r.res.cpu_s for r in runs]),
+        "peak RSS MB": median([r.res.peak_rss_mb for r in runs]),
         "GETs": max(r.gets for r in runs),
     }
     if not key.startswith("noop-"):
@@ -194,9 +207,11 @@ def fetch_part(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[str, 
     rows: list[dict[str, object]] = []
     t_seed = time.perf_counter()
     with png_set(args.n, scratch, name="scale", threads=args.seed_threads, baseline_n=baseline_n) as (target, base):
-        notes.append(f"s3rver seeded once with {args.n:,} PNGs of {target.total_bytes / args.n:.0f} bytes under scale/ and "
-                     f"the first {baseline_n:,} again under scale-base/, by {args.seed_threads} threads in "
-                     f"{time.perf_counter() - t_seed:.0f} s")
+        notes.append(
+            f"s3rver seeded once with {args.n:,} PNGs of {target.total_bytes / args.n:.0f} bytes under scale/ and "
+            f"the first {baseline_n:,} again under scale-base/, by {args.seed_threads} threads in "
+            f"{time.perf_counter() - t_seed:.0f} s"
+        )
         tess = tools["tess"]
 
         def tess_run(t: Target, dest: Path) -> Run:
@@ -207,8 +222,15 @@ def fetch_part(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[str, 
         assert base is not None
         log(f"baseline: tess fetch of {base.prefix} ({base.n:,} objects)")
         try:
-            rows.append(_row(f"baseline: {base.n:,} objects", tess.name, "tess-base", base.n,
-                             [tess_run(base, copies / "baseline-tess")]))
+            rows.append(
+                _row(
+                    f"baseline: {base.n:,} objects",
+                    tess.name,
+                    "tess-base",
+                    base.n,
+                    [tess_run(base, copies / "baseline-tess")],
+                )
+            )
         except ToolFailed as e:
             log(f"baseline failed: {e}")
             rows.append(_row(f"baseline: {base.n:,} objects", tess.name, "tess-base", base.n, []))
@@ -217,13 +239,18 @@ def fetch_part(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[str, 
             dest = copies / f"cold-{name}-{r}"
             dest.mkdir()
             try:
-                run = tess_run(target, dest) if name == "tess" else \
-                    measured_run(tools[name], tools[name].command(target, dest), target, scratch, poll=False)
+                run = (
+                    tess_run(target, dest)
+                    if name == "tess"
+                    else measured_run(tools[name], tools[name].command(target, dest), target, scratch, poll=False)
+                )
             except ToolFailed as e:
                 log(f"{name} failed: {e}")
                 return None
-            log(f"  {name}: {run.res.wall_s:.1f} s wall, {run.res.cpu_s:.1f} CPU-s, {run.res.peak_rss_mb:.0f} MB, "
-                f"{run.gets} GETs" + (f", first GET at {run.first_get[0]:.2f} s" if run.first_get else ""))
+            log(
+                f"  {name}: {run.res.wall_s:.1f} s wall, {run.res.cpu_s:.1f} CPU-s, {run.res.peak_rss_mb:.0f} MB, "
+                f"{run.gets} GETs" + (f", first GET at {run.first_get[0]:.2f} s" if run.first_get else "")
+            )
             return run
 
         results = interleave(list(tools), args.repeats, cold)
@@ -270,8 +297,13 @@ def scale_targets(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
 
     def add(name: str, ok: bool | None, measured: str) -> None:
-        out.append({"target": name, "measured": measured,
-                    "status": "not measured" if ok is None else "met" if ok else "NOT met"})
+        out.append(
+            {
+                "target": name,
+                "measured": measured,
+                "status": "not measured" if ok is None else "met" if ok else "NOT met",
+            }
+        )
 
     base_n = int(base["objects"]) if base else 5000  # type: ignore[arg-type]
     name = f"peak RSS ({n} objects) <= the {base_n:,}-object run's + {RSS_OVER_BASELINE_MB:.0f} MB"
@@ -284,7 +316,11 @@ def scale_targets(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     if tess and "list s" in tess:
         w, ls = float(tess["wall s"]), float(tess["list s"])  # type: ignore[arg-type]
         fw = f"; the fetch's own wall {float(tess['fetch wall s']):.2f} s" if "fetch wall s" in tess else ""  # type: ignore[arg-type]
-        add(name, w <= WALL_OVER_LISTING * ls, f"{w:.2f} s vs listing {ls:.2f} s ({w / ls if ls else float('inf'):.2f}x){fw}")
+        add(
+            name,
+            w <= WALL_OVER_LISTING * ls,
+            f"{w:.2f} s vs listing {ls:.2f} s ({w / ls if ls else float('inf'):.2f}x){fw}",
+        )
     else:
         add(name, None, "n/a (no list_s in the manifest header)" if tess else "n/a")
     name = f"objects/s >= {S5CMD_RATIO}x s5cmd cp"
@@ -312,22 +348,42 @@ def scale_targets(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     return out
 
 
-SCALE_COLUMNS = ("run", "tool", "runs", "wall s", "objects/s", "client CPU s", "peak RSS MB", "GETs", "first GET s",
-                 "first GET in s", "list s", "mirror s", "fetch wall s")
+SCALE_COLUMNS = (
+    "run",
+    "tool",
+    "runs",
+    "wall s",
+    "objects/s",
+    "client CPU s",
+    "peak RSS MB",
+    "GETs",
+    "first GET s",
+    "first GET in s",
+    "list s",
+    "mirror s",
+    "fetch wall s",
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--n", type=int, default=100_000, help="fetch part: objects on s3rver (default 100,000)")
-    parser.add_argument("--baseline-n", type=int, default=5000,
-                        help="fetch part: objects of the baseline prefix, the first of the set (default 5,000)")
-    parser.add_argument("--seed-threads", type=int, default=32, help="fetch part: threads that seed s3rver (default 32)")
+    parser.add_argument(
+        "--baseline-n",
+        type=int,
+        default=5000,
+        help="fetch part: objects of the baseline prefix, the first of the set (default 5,000)",
+    )
+    parser.add_argument(
+        "--seed-threads", type=int, default=32, help="fetch part: threads that seed s3rver (default 32)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="fetch part: interleaved cold rounds (default 1)")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temp folder, removed at the end)")
     parser.add_argument("--records", type=int, default=1_000_000, help="manifest part: records (default 1,000,000)")
-    parser.add_argument("--samples", type=int, default=100_000,
-                        help="manifest part: samples read by the workers (default 100,000)")
+    parser.add_argument(
+        "--samples", type=int, default=100_000, help="manifest part: samples read by the workers (default 100,000)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="manifest part: DataLoader workers (default 2)")
     args = parser.parse_args()
     parts = [x for x in args.parts.split(",") if x]
@@ -337,13 +393,22 @@ def main() -> None:
     with work_dir(args.work_dir, "scale") as scratch:
         if "fetch" in parts:
             rows, notes = fetch_part(args, scratch)
-            write_table("scale", f"Fetch of {args.n:,} small objects from s3rver: tess against s5cmd", rows, SCALE_COLUMNS,
-                        notes)
+            write_table(
+                "scale",
+                f"Fetch of {args.n:,} small objects from s3rver: tess against s5cmd",
+                rows,
+                SCALE_COLUMNS,
+                notes,
+            )
         if "manifest" in parts:
             manifest_part(args, scratch)
         if "fetch" in parts:  # last, so the targets are what a run prints at its end
-            write_table("scale_targets", f"Targets of the scale fetch ({args.n:,} objects)", scale_targets(rows),
-                        ["target", "measured", "status"])
+            write_table(
+                "scale_targets",
+                f"Targets of the scale fetch ({args.n:,} objects)",
+                scale_targets(rows),
+                ["target", "measured", "status"],
+            )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from bench.common import log, proc_memory_mb, write_table
 from cache.layout import CacheLayout
 from cache.manifest import ManifestRecord, load_manifest, write_manifest
-from pipeline.datasets import CachedImageDataset
+from pipeline.data.datasets import CachedImageDataset
 
 TARGET_GROWTH_MB = 50.0  # per worker
 
@@ -32,8 +32,14 @@ def synthetic_records(n: int) -> Iterator[ManifestRecord]:
     """``n`` demo-like records with distinct keys, SHA-256s and MD5 ETags (no blobs behind them)."""
     for i in range(n):
         digest = hashlib.sha256(i.to_bytes(8, "little")).hexdigest()
-        yield ManifestRecord(key=f"scale/train/img-{i:07d}_{i % 10}.png", sha256=digest, size=2000 + i % 1000,
-                             etag=f'"{digest[:32]}"', last_modified="2024-01-01T00:00:00.000+00:00", label=i % 10)
+        yield ManifestRecord(
+            key=f"scale/train/img-{i:07d}_{i % 10}.png",
+            sha256=digest,
+            size=2000 + i % 1000,
+            etag=f'"{digest[:32]}"',
+            last_modified="2024-01-01T00:00:00.000+00:00",
+            label=i % 10,
+        )
 
 
 class LookupOnly(CachedImageDataset):
@@ -64,8 +70,9 @@ def manifest_figures(layout: CacheLayout, n: int) -> tuple[Path, list[dict[str, 
         pass
     gen_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    path = write_manifest(layout, endpoint="http://127.0.0.1:9", bucket="scale", prefix="scale/train/",
-                          records=synthetic_records(n))
+    path = write_manifest(
+        layout, endpoint="http://127.0.0.1:9", bucket="scale", prefix="scale/train/", records=synthetic_records(n)
+    )
     write_s = time.perf_counter() - t0
     log(f"wrote {n} records ({path.stat().st_size / 1e6:.0f} MB) in {write_s:.1f} s")
     rss0 = rss_now()
@@ -93,17 +100,25 @@ def manifest_figures(layout: CacheLayout, n: int) -> tuple[Path, list[dict[str, 
     return path, rows
 
 
-def worker_growth(path: Path, layout: CacheLayout, samples: int, workers: int, scratch: Path) -> list[dict[str, object]]:
+def worker_growth(
+    path: Path, layout: CacheLayout, samples: int, workers: int, scratch: Path
+) -> list[dict[str, object]]:
     """Read ``samples`` shuffled samples with ``workers`` workers; memory of each worker at start and end."""
-    from pipeline.batches import EpochBatchSampler, SampleBatches
+    from pipeline.data.batches import EpochBatchSampler, SampleBatches
 
     ds = LookupOnly(load_manifest(path), cache_dir=layout.root, check_blobs=False)
     indices = np.sort(np.random.default_rng(0).choice(len(ds), size=samples, replace=False))
     pid_dir = scratch / "workers"
     pid_dir.mkdir(exist_ok=True)
-    loader = DataLoader(SampleBatches(ds, skip_bad=False), sampler=EpochBatchSampler(indices, batch=16, seed=0), batch_size=None,
-                        num_workers=workers, persistent_workers=True, prefetch_factor=4,
-                        worker_init_fn=functools.partial(record_worker, str(pid_dir)))
+    loader = DataLoader(
+        SampleBatches(ds, skip_bad=False),
+        sampler=EpochBatchSampler(indices, batch=16, seed=0),
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=True,
+        prefetch_factor=4,
+        worker_init_fn=functools.partial(record_worker, str(pid_dir)),
+    )
     it = iter(loader)
     seen = len(next(it)[0])
     deadline = time.monotonic() + 120  # the first batch can come before every worker has run its init
@@ -124,16 +139,31 @@ def worker_growth(path: Path, layout: CacheLayout, samples: int, workers: int, s
     for wid, pid, init_rss, init_private in info:
         a, b = first[wid], end[wid]
         growth = max(b["rss"] - a["rss"], b["private"] - a["private"])
-        rows.append({
-            "process": f"worker {wid}", "RSS at init MB": init_rss, "RSS first batch MB": a["rss"], "RSS end MB": b["rss"],
-            "RSS growth MB": b["rss"] - a["rss"], "private growth MB": b["private"] - a["private"],
-            "private growth since init MB": b["private"] - init_private,
-            "target": f"{'met' if growth < TARGET_GROWTH_MB else 'MISSED'} (< {TARGET_GROWTH_MB:.0f} MB)",
-            "samples": seen, "pass s": pass_s,
-        })
-    rows.append({"process": "main", "RSS first batch MB": main_first["rss"], "RSS end MB": main_end["rss"],
-                 "RSS growth MB": main_end["rss"] - main_first["rss"], "private growth MB": main_end["private"] - main_first["private"],
-                 "samples": seen, "pass s": pass_s})
+        rows.append(
+            {
+                "process": f"worker {wid}",
+                "RSS at init MB": init_rss,
+                "RSS first batch MB": a["rss"],
+                "RSS end MB": b["rss"],
+                "RSS growth MB": b["rss"] - a["rss"],
+                "private growth MB": b["private"] - a["private"],
+                "private growth since init MB": b["private"] - init_private,
+                "target": f"{'met' if growth < TARGET_GROWTH_MB else 'MISSED'} (< {TARGET_GROWTH_MB:.0f} MB)",
+                "samples": seen,
+                "pass s": pass_s,
+            }
+        )
+    rows.append(
+        {
+            "process": "main",
+            "RSS first batch MB": main_first["rss"],
+            "RSS end MB": main_end["rss"],
+            "RSS growth MB": main_end["rss"] - main_first["rss"],
+            "private growth MB": main_end["private"] - main_first["private"],
+            "samples": seen,
+            "pass s": pass_s,
+        }
+    )
     return rows
 
 
@@ -144,13 +174,31 @@ def manifest_part(args: argparse.Namespace, scratch: Path) -> None:
     """Issue 5's 1e: the manifest of ``--records`` records, and the workers' memory over ``--samples`` samples."""
     layout = CacheLayout.at(scratch / "cache").create()
     path, rows = manifest_figures(layout, args.records)
-    write_table(f"scale_manifest_{args.records}", f"Manifest of {args.records:,} records (1e)", rows, ("what", "value", "unit"))
+    write_table(
+        f"scale_manifest_{args.records}", f"Manifest of {args.records:,} records (1e)", rows, ("what", "value", "unit")
+    )
     growth = worker_growth(path, layout, min(args.samples, args.records), args.workers, scratch)
-    write_table(f"scale_workers_{args.records}", f"Worker memory over {args.samples:,} samples, -w {args.workers} (1e)", growth,
-                ("process", "RSS at init MB", "RSS first batch MB", "RSS end MB", "RSS growth MB", "private growth MB",
-                 "private growth since init MB", "target", "samples", "pass s"),
-                ["growth = end of the pass minus after the first batch; private = Private_Clean + Private_Dirty "
-                 "of /proc/<pid>/smaps_rollup (USS), where copy-on-read shows",
-                 "the target is judged on the larger of RSS growth and private growth (workers only); the main "
-                 "process's private growth is the parent writing into heap pages it still shares with the forked "
-                 "workers (copy-on-write in the parent), with its RSS unchanged"])
+    write_table(
+        f"scale_workers_{args.records}",
+        f"Worker memory over {args.samples:,} samples, -w {args.workers} (1e)",
+        growth,
+        (
+            "process",
+            "RSS at init MB",
+            "RSS first batch MB",
+            "RSS end MB",
+            "RSS growth MB",
+            "private growth MB",
+            "private growth since init MB",
+            "target",
+            "samples",
+            "pass s",
+        ),
+        [
+            "growth = end of the pass minus after the first batch; private = Private_Clean + Private_Dirty "
+            "of /proc/<pid>/smaps_rollup (USS), where copy-on-read shows",
+            "the target is judged on the larger of RSS growth and private growth (workers only); the main "
+            "process's private growth is the parent writing into heap pages it still shares with the forked "
+            "workers (copy-on-write in the parent), with its RSS unchanged",
+        ],
+    )

@@ -4,9 +4,9 @@
 The set is :func:`bench.mirror_sets.small_set` (N random-noise PNGs of about 2.4 KB on a fresh s3rver).
 Each run is a child process that builds its dataset (listing included, before the clock starts), then
 times one epoch of the same loop: ``DataLoader`` with W workers, batch B, ``prefetch_factor=4``; per batch,
-the wait for it, then one VAE step (``pipeline.model``, 32 px, one torch thread; ``--no-train``: none, the
+the wait for it, then one VAE step (``pipeline.train.model``, 32 px, one torch thread; ``--no-train``: none, the
 input pipeline alone). Every image is decoded
-the same way in every variant: ``pipeline.images.decode_rgb`` (Pillow), then ``DefaultTransform(32)``.
+the same way in every variant: ``pipeline.data.images.decode_rgb`` (Pillow), then ``DefaultTransform(32)``.
 
 * ``tess read-ahead``: ``DataLoader(ds, batch_sampler=ds.sampler(batch_size=B))`` (a batch's GETs
   concurrent on the worker's event loop, its next ``--prefetch`` batches in flight);
@@ -38,8 +38,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 TARGET_RATIO = 1.5
-VARIANTS = {"readahead": "tess DSSDataset, read-ahead", "plain": "tess DSSDataset, prefetch 0",
-            "s3map": "s3torchconnector S3MapDataset"}
+VARIANTS = {
+    "readahead": "tess DSSDataset, read-ahead",
+    "plain": "tess DSSDataset, prefetch 0",
+    "s3map": "s3torchconnector S3MapDataset",
+}
 
 
 # -- the child: one epoch (runs in tess's venv, or in bench/.venv-peers for S3MapDataset) ----------------------
@@ -49,18 +52,28 @@ def _s3map_loader(cfg: dict):
     from s3torchconnector import S3ClientConfig, S3MapDataset
     from torch.utils.data import DataLoader
 
-    ds = S3MapDataset.from_prefix(cfg["prefix"], region="us-east-1", endpoint=cfg["endpoint"], transform=_S3MapItem(),
-                                  s3client_config=S3ClientConfig(force_path_style=True))
+    ds = S3MapDataset.from_prefix(
+        cfg["prefix"],
+        region="us-east-1",
+        endpoint=cfg["endpoint"],
+        transform=_S3MapItem(),
+        s3client_config=S3ClientConfig(force_path_style=True),
+    )
     n = len(ds)  # the listing, before the clock starts (forked workers inherit it)
-    return DataLoader(ds, batch_size=cfg["batch"], shuffle=True, num_workers=cfg["workers"],
-                      prefetch_factor=4 if cfg["workers"] else None), n
+    return DataLoader(
+        ds,
+        batch_size=cfg["batch"],
+        shuffle=True,
+        num_workers=cfg["workers"],
+        prefetch_factor=4 if cfg["workers"] else None,
+    ), n
 
 
 class _S3MapItem:
     """S3MapDataset's transform: the object's bytes decoded as tess decodes them, and the key's label."""
 
     def __call__(self, reader):
-        from pipeline.images import DefaultTransform, decode_rgb
+        from pipeline.data.images import DefaultTransform, decode_rgb
 
         x = DefaultTransform(32)(decode_rgb(reader.read()))
         return x, int(reader.key.rsplit("_", 1)[1].split(".")[0])
@@ -70,18 +83,24 @@ def _tess_loader(cfg: dict):
     from torch.utils.data import DataLoader
 
     from pipeline.config import ClientOptions
-    from pipeline.datasets import DSSDataset
+    from pipeline.data.datasets import DSSDataset
 
-    ds = DSSDataset(cfg["prefix"], options=ClientOptions(endpoint=cfg["endpoint"]), image_size=32, prefetch=cfg["prefetch"])
-    return DataLoader(ds, batch_sampler=ds.sampler(batch_size=cfg["batch"], shuffle=True, seed=0), num_workers=cfg["workers"],
-                      prefetch_factor=4 if cfg["workers"] else None), len(ds)
+    ds = DSSDataset(
+        cfg["prefix"], options=ClientOptions(endpoint=cfg["endpoint"]), image_size=32, prefetch=cfg["prefetch"]
+    )
+    return DataLoader(
+        ds,
+        batch_sampler=ds.sampler(batch_size=cfg["batch"], shuffle=True, seed=0),
+        num_workers=cfg["workers"],
+        prefetch_factor=4 if cfg["workers"] else None,
+    ), len(ds)
 
 
 def child(cfg: dict) -> None:
     """One epoch: print its figures as one JSON line."""
     import torch
 
-    from pipeline.model import VAE, VAEConfig
+    from pipeline.train.model import VAE, VAEConfig
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -107,7 +126,9 @@ def child(cfg: dict) -> None:
             opt.zero_grad(set_to_none=True)
         images += len(x)
     wall = time.perf_counter() - t_start
-    print(json.dumps({"listed": n, "images": images, "wall_s": wall, "wait_s": wait, "first_batch_s": first}), flush=True)
+    print(
+        json.dumps({"listed": n, "images": images, "wall_s": wall, "wait_s": wait, "first_batch_s": first}), flush=True
+    )
 
 
 # -- the parent ----------------------------------------------------------------------------------------------
@@ -124,7 +145,9 @@ def peers_python(notes: list[str]) -> str | None:
     if subprocess.run([py, "-c", "import PIL, numpy, s3torchconnector"], capture_output=True).returncode != 0:
         import PIL
 
-        res = subprocess.run([py, "-m", "pip", "install", "-q", f"Pillow=={PIL.__version__}", "numpy"], capture_output=True, text=True)
+        res = subprocess.run(
+            [py, "-m", "pip", "install", "-q", f"Pillow=={PIL.__version__}", "numpy"], capture_output=True, text=True
+        )
         if res.returncode != 0:
             notes.append(f"S3MapDataset skipped: Pillow not installed in the peers venv ({res.stderr.strip()[-200:]})")
             return None
@@ -134,8 +157,15 @@ def peers_python(notes: list[str]) -> str | None:
 def measure(variant: str, python: str, target, args: argparse.Namespace) -> dict:
     from bench.common import proc_cpu_seconds, run_measured
 
-    cfg = {"variant": variant, "prefix": target.prefix, "endpoint": target.endpoint, "batch": args.batch,
-           "workers": args.workers, "prefetch": args.prefetch if variant == "readahead" else 0, "train": not args.no_train}
+    cfg = {
+        "variant": variant,
+        "prefix": target.prefix,
+        "endpoint": target.endpoint,
+        "batch": args.batch,
+        "workers": args.workers,
+        "prefetch": args.prefetch if variant == "readahead" else 0,
+        "train": not args.no_train,
+    }
     before, server_cpu = target.counts(), proc_cpu_seconds(target.server_pid)
     res = run_measured([python, __file__, "--child", json.dumps(cfg)], env=target.env(), cwd=ROOT)
     server_cpu = proc_cpu_seconds(target.server_pid) - server_cpu
@@ -153,10 +183,14 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000, help="PNGs on the server (default 2000)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of every variant (default 2)")
     p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    p.add_argument("--prefetch", type=int, default=2, help="tess read-ahead: batches in flight ahead per worker (default 2)")
+    p.add_argument(
+        "--prefetch", type=int, default=2, help="tess read-ahead: batches in flight ahead per worker (default 2)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    p.add_argument("--no-train", action="store_true", help="no VAE step: the input pipeline alone (data-wait is then ~100%%)")
+    p.add_argument(
+        "--no-train", action="store_true", help="no VAE step: the input pipeline alone (data-wait is then ~100%%)"
+    )
     p.add_argument("--work-dir", default=None, help="scratch folder (default: a temp folder, removed at the end)")
     p.add_argument("--child", default=None, help="internal: run one epoch with this JSON config")
     args = p.parse_args()
@@ -181,27 +215,53 @@ def main() -> None:
     rows = []
     for v in variants:
         runs = results[v]
-        rows.append({"loader": VARIANTS[v] + (f" {args.prefetch}" if v == "readahead" else ""),
-                     "images/s": median([r["images"] / r["wall_s"] for r in runs]),
-                     "data-wait %": 100 * median([r["wait_s"] / r["wall_s"] for r in runs]),
-                     "epoch s": median([r["wall_s"] for r in runs]), "first batch s": median([r["first_batch_s"] for r in runs]),
-                     "images": runs[0]["images"], "GETs": max(r["gets"] for r in runs),
-                     "images/s (each run)": " / ".join(f"{r['images'] / r['wall_s']:.0f}" for r in runs),
-                     "CPU s (tree)": median([r["cpu_s"] for r in runs]), "server CPU s": median([r["server_cpu_s"] for r in runs]),
-                     "peak PSS MB": median([r["peak_pss_mb"] for r in runs])})
+        rows.append(
+            {
+                "loader": VARIANTS[v] + (f" {args.prefetch}" if v == "readahead" else ""),
+                "images/s": median([r["images"] / r["wall_s"] for r in runs]),
+                "data-wait %": 100 * median([r["wait_s"] / r["wall_s"] for r in runs]),
+                "epoch s": median([r["wall_s"] for r in runs]),
+                "first batch s": median([r["first_batch_s"] for r in runs]),
+                "images": runs[0]["images"],
+                "GETs": max(r["gets"] for r in runs),
+                "images/s (each run)": " / ".join(f"{r['images'] / r['wall_s']:.0f}" for r in runs),
+                "CPU s (tree)": median([r["cpu_s"] for r in runs]),
+                "server CPU s": median([r["server_cpu_s"] for r in runs]),
+                "peak PSS MB": median([r["peak_pss_mb"] for r in runs]),
+            }
+        )
     what = "The input pipeline alone (no VAE step)" if args.no_train else "One VAE epoch"
     rate = {v: row["images/s"] for v, row in zip(variants, rows)}
     if "readahead" in rate and "s3map" in rate:
         ratio = rate["readahead"] / rate["s3map"]
-        notes.insert(0, f"target: tess read-ahead / S3MapDataset images/s >= {TARGET_RATIO}x: {ratio:.2f}x, "
-                        f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}")
+        notes.insert(
+            0,
+            f"target: tess read-ahead / S3MapDataset images/s >= {TARGET_RATIO}x: {ratio:.2f}x, "
+            f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}",
+        )
     if "readahead" in rate and "plain" in rate:
         notes.insert(1, f"tess read-ahead / prefetch 0 images/s: {rate['readahead'] / rate['plain']:.2f}x")
     name = "stream_input" if args.no_train else "stream_epoch"
-    write_table(name, f"{what} streamed from s3rver: N = {args.n}, -w {args.workers}, batch {args.batch}, medians of "
-                f"{args.repeats} interleaved round(s) after one warm-up epoch", rows,
-                ("loader", "images/s", "data-wait %", "epoch s", "first batch s", "images", "GETs", "CPU s (tree)",
-                 "server CPU s", "peak PSS MB", "images/s (each run)"), notes)
+    write_table(
+        name,
+        f"{what} streamed from s3rver: N = {args.n}, -w {args.workers}, batch {args.batch}, medians of "
+        f"{args.repeats} interleaved round(s) after one warm-up epoch",
+        rows,
+        (
+            "loader",
+            "images/s",
+            "data-wait %",
+            "epoch s",
+            "first batch s",
+            "images",
+            "GETs",
+            "CPU s (tree)",
+            "server CPU s",
+            "peak PSS MB",
+            "images/s (each run)",
+        ),
+        notes,
+    )
     log("done")
 
 

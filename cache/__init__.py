@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs; at run time
     from typing import Any
 
     from cache.atomic import atomic_write_bytes, atomic_writer
-    from cache.blobs import BlobStore, BlobWriteError
+    from cache.blobs import BlobStore
+    from cache.checks import BodyCheckError
     from cache.layout import CacheLayout, default_cache_dir
     from cache.locks import GC_LOCK
     from cache.manifest import (
@@ -45,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     "atomic_write_bytes": "cache.atomic",
     "atomic_writer": "cache.atomic",
     "BlobStore": "cache.blobs",
-    "BlobWriteError": "cache.blobs",
+    "BodyCheckError": "cache.checks",
     "CacheLayout": "cache.layout",
     "default_cache_dir": "cache.layout",
     "GC_LOCK": "cache.locks",

@@ -20,13 +20,18 @@ from cache.atomic import TEMP_SUFFIX
 from cache.checks import BodyCheckError, BodyHasher, Expected, md5_from_etag
 from cache.layout import CacheLayout
 
-__all__ = ["BlobStore", "BlobWriteError", "BlobWriter", "hash_file", "md5_from_etag", "start_writeback", "sync_filesystem"]
+__all__ = [
+    "BlobStore",
+    "BlobWriter",
+    "BodyCheckError",
+    "hash_file",
+    "md5_from_etag",
+    "start_writeback",
+    "sync_filesystem",
+]
 
 CHUNK = 1 << 20
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-
-# One exception for every body check (kept under its old name for callers of cache.blobs).
-BlobWriteError = BodyCheckError
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
@@ -127,7 +132,9 @@ class BlobStore:
         os.replace(tmp_path, final)
         return sha, not existed
 
-    def put_body(self, data: bytes | memoryview, *, expected: Expected, label: str, fsync: bool = True) -> tuple[str, bool]:
+    def put_body(
+        self, data: bytes | memoryview, *, expected: Expected, label: str, fsync: bool = True
+    ) -> tuple[str, bool]:
         """Check a whole body held in memory and store it (one open, one write, one rename)."""
         hasher = BodyHasher(expected, label=label)
         hasher.update(data)
@@ -137,7 +144,7 @@ class BlobStore:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             if fsync:
                 os.fsync(fd)
         except BaseException:
@@ -156,8 +163,15 @@ class BlobStore:
     def path(self, sha256_hex: str) -> Path:
         return self.layout.blob_path(sha256_hex)
 
-    def writer(self, *, expected_size: int | None = None, etag: str | None = None, label: str = "blob",
-               expected: Expected | None = None, fsync: bool = True) -> BlobWriter:
+    def writer(
+        self,
+        *,
+        expected_size: int | None = None,
+        etag: str | None = None,
+        label: str = "blob",
+        expected: Expected | None = None,
+        fsync: bool = True,
+    ) -> BlobWriter:
         """Start a blob; ``label`` (e.g. the S3 URI) is used only in error messages.
 
         ``fsync=False`` leaves durability to one :func:`sync_filesystem` before the manifest is written.

@@ -4,8 +4,9 @@ A body is accepted only when its byte count equals the expected size (the listin
 when the ETag is a plain MD5 (single-part uploads without SSE-KMS), and its S3 additional checksum
 (``x-amz-checksum-crc64nvme`` / ``-crc32`` / ``-crc32c`` / ``-sha1`` / ``-sha256``, full-object only)
 matches when the server offered one (CRC64NVME, AWS's default for new uploads since 2025, and CRC32C
-are computed by awscrt, the library botocore uses for them: 0.2 ms/MB here, against 0.5 for zlib's CRC32). Its SHA-256 is always computed: it names the blob. ``hashlib`` and ``zlib`` release
-the GIL on large buffers, so hashing may overlap network I/O in other threads.
+are computed by awscrt, the library botocore uses for them: 0.2 ms/MB here, against 0.5 for zlib's CRC32).
+Its SHA-256 is always computed: it names the blob. ``hashlib`` and ``zlib`` release the GIL on large buffers,
+so hashing may overlap network I/O in other threads.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def md5_from_etag(etag: str | None) -> str | None:
 
 def same_etag(a: str, b: str) -> bool:
     """Whether two ETag headers name the same version (quotes and a weak ``W/`` prefix aside)."""
+
     def norm(e: str) -> str:
         return e.strip().removeprefix("W/").strip('"').lower()
 
@@ -159,13 +161,17 @@ class BodyHasher:
             self._extra.update(chunk)
         self.size += len(chunk)
 
-    def update_many(self, chunks: Sequence[bytes | memoryview], *, also: Callable[[bytes | memoryview], object] | None = None) -> None:
+    def update_many(
+        self, chunks: Sequence[bytes | memoryview], *, also: Callable[[bytes | memoryview], object] | None = None
+    ) -> None:
         """:meth:`update` for a run of large chunks, with ``also(chunk)`` (e.g. a file write) called on each.
 
         MD5 and the additional checksum run in a helper thread while SHA-256 and ``also`` run in this one
         (hashlib releases the GIL for large buffers), so two cores work on one body.
         """
-        helper = _helper().submit(self._update_others, chunks) if self._md5 is not None or self._extra is not None else None
+        helper = (
+            _helper().submit(self._update_others, chunks) if self._md5 is not None or self._extra is not None else None
+        )
         try:
             for chunk in chunks:
                 if also is not None:
@@ -197,6 +203,8 @@ class BodyHasher:
         if self._extra is not None and e.checksum is not None:
             got = base64.b64encode(self._extra.digest()).decode()
             if got != e.checksum.value_b64:
-                raise BodyCheckError(f"{self.label}: {e.checksum.algorithm.value} {got} does not match the "
-                                     f"server's checksum {e.checksum.value_b64}")
+                raise BodyCheckError(
+                    f"{self.label}: {e.checksum.algorithm.value} {got} does not match the "
+                    f"server's checksum {e.checksum.value_b64}"
+                )
         return self._sha.hexdigest()

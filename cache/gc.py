@@ -95,8 +95,9 @@ def enforce_cap(layout: CacheLayout, max_bytes: int, *, keep: Path | None = None
                 total -= size
                 report.packs_removed += 1
 
-        unreferenced = sorted((sha for sha in blobs if sha not in referenced),
-                              key=lambda s: max(blobs[s].st_atime, blobs[s].st_mtime))
+        unreferenced = sorted(
+            (sha for sha in blobs if sha not in referenced), key=lambda s: max(blobs[s].st_atime, blobs[s].st_mtime)
+        )
         for sha in unreferenced:
             if total <= max_bytes:
                 break
@@ -125,7 +126,12 @@ def enforce_cap(layout: CacheLayout, max_bytes: int, *, keep: Path | None = None
                     report.packs_removed += 1
         report.after_bytes = total
         if report.blobs_removed or report.manifests_removed or report.packs_removed:
-            log.info("evicted %d blobs, %d packs, manifests %s", report.blobs_removed, report.packs_removed, report.manifests_removed)
+            log.info(
+                "evicted %d blobs, %d packs, manifests %s",
+                report.blobs_removed,
+                report.packs_removed,
+                report.manifests_removed,
+            )
         return report
 
 
@@ -160,8 +166,17 @@ def cache_stats(layout: CacheLayout) -> CacheStats:
         h = m.header
         for i in range(len(m)):
             sizes[m.sha256[i].tobytes()] = int(m.size[i])
-        stats.manifests.append({"name": p.name, "uri": str(h.uri), "endpoint": h.endpoint, "count": h.count,
-                                "bytes": h.total_bytes, "created": h.created, "shard": str(h.shard) if h.shard else None})
+        stats.manifests.append(
+            {
+                "name": p.name,
+                "uri": str(h.uri),
+                "endpoint": h.endpoint,
+                "count": h.count,
+                "bytes": h.total_bytes,
+                "created": h.created,
+                "shard": str(h.shard) if h.shard else None,
+            }
+        )
         stats.logical_bytes += h.total_bytes
         stats.last_fetch = {"manifest": p.name, "created": h.created, **(h.fetch or {})}
     stats.unique_bytes = sum(sizes.values())

@@ -56,7 +56,8 @@ class CacheLayout:
 
     @classmethod
     def at(cls, root: str | os.PathLike[str] | CacheLayout | None = None) -> CacheLayout:
-        """Layout at ``root`` (a layout passes through), or at :func:`default_cache_dir` when ``root`` is None or empty."""
+        """Layout at ``root`` (a layout passes through), or at :func:`default_cache_dir` when ``root`` is None or
+        empty."""
         if isinstance(root, CacheLayout):
             return root
         return cls(root=Path(root) if root else default_cache_dir())
@@ -118,7 +119,8 @@ class CacheLayout:
             foreign = self.foreign_entries()
             if foreign:
                 raise FileExistsError(
-                    f"cache dir {str(self.root)!r} already holds files that are not a tess cache (e.g. {foreign[0]!r}); "
+                    f"cache dir {str(self.root)!r} already holds files that are not a tess cache "
+                    f"(e.g. {foreign[0]!r}); "
                     "pass --cache-dir (CACHE_DIR=) pointing to a new or empty folder"
                 )
         for p in self.owned:

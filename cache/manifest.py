@@ -12,7 +12,7 @@ File format (``manifests/<name>.jsonl``, UTF-8 JSON Lines, written atomically):
 ``records_sha256`` is the SHA-256 of the record lines exactly as written; it identifies the pinned
 listing (checkpoints and decoded packs refer to it). Beside the manifest, ``<name>.keys`` holds the
 plain key list, one key per line, with ``\\``, LF and CR escaped as ``\\\\``, ``\\n`` and ``\\r`` so that
-any key round-trips exactly (:func:`read_key_list`).
+any key round-trips exactly (:mod:`cache.keylist`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from cache.atomic import atomic_writer
+from cache.keylist import KEYS_SUFFIX, escape_key
+from cache.keylist import read_key_list as read_key_list  # re-exported: its home before cache.keylist
 from cache.layout import CacheLayout
 from cache.shard import ShardSpec, parse_shard
 from cache.strings import StringArray
@@ -39,7 +41,6 @@ from cache.uri import S3Uri
 
 MANIFEST_FORMAT = "tess-manifest/1"
 MANIFEST_SUFFIX = ".jsonl"
-KEYS_SUFFIX = ".keys"
 _SLUG_RE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -65,10 +66,10 @@ class ManifestHeader:
     """Line 1 of a manifest, parsed once (:meth:`from_json`) into typed fields.
 
     Attributes:
-        fetch: the fetch summary as written by ``pipeline.fetch`` (listed, fetched, cached, missing,
+        fetch: the fetch summary as written by ``pipeline.fetch.stage`` (listed, fetched, cached, missing,
             failed, bytes, retries, list_s, wall_s); None for manifests written by other tools.
         labels: the label rule the records' labels follow (``folder``, ``suffix`` or ``none``; see
-            ``pipeline.labels``); None for a manifest written before the rule was recorded, whose
+            ``pipeline.fetch.labels``); None for a manifest written before the rule was recorded, whose
             labels are read as they are.
         classes: folder class names, when labels come from folders.
         incomplete: listed objects that are not in the manifest.
@@ -97,9 +98,14 @@ class ManifestHeader:
     @property
     def extra(self) -> dict[str, Any]:
         """The optional fields as the file holds them (``shard`` as ``"k/N"``), in the order written."""
-        values = {"fetch": self.fetch, "labels": self.labels, "classes": None if self.classes is None else list(self.classes),
-                  "incomplete": self.incomplete, "shard": None if self.shard is None else str(self.shard),
-                  "network": self.network}
+        values = {
+            "fetch": self.fetch,
+            "labels": self.labels,
+            "classes": None if self.classes is None else list(self.classes),
+            "incomplete": self.incomplete,
+            "shard": None if self.shard is None else str(self.shard),
+            "network": self.network,
+        }
         return {**{k: v for k, v in values.items() if v is not None}, **self.unknown}
 
     def to_json(self) -> dict[str, Any]:
@@ -129,7 +135,9 @@ class ManifestHeader:
             raise ValueError(f"{source}: header field labels {labels!r} is not a rule name; {fix}")
         if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             raise ValueError(f"{source}: header field classes {classes!r} is not a list of names; {fix}")
-        if incomplete is not None and (not isinstance(incomplete, int) or isinstance(incomplete, bool) or incomplete < 0):
+        if incomplete is not None and (
+            not isinstance(incomplete, int) or isinstance(incomplete, bool) or incomplete < 0
+        ):
             raise ValueError(f"{source}: header field incomplete {incomplete!r} is not a count; {fix}")
         try:
             spec = None if shard is None else parse_shard(shard, source=f"{source}: header field shard")
@@ -162,12 +170,18 @@ class ManifestHeader:
         if not fetch.get("fetched"):
             return None
         # A manifest from before ``network`` existed: its own fetch is all that is known.
-        return {"bytes": int(fetch.get("bytes_fetched", 0)), "seconds": float(fetch.get("wall_s", 0.0)),
-                "objects": int(fetch["fetched"]), "runs": 1}
+        return {
+            "bytes": int(fetch.get("bytes_fetched", 0)),
+            "seconds": float(fetch.get("wall_s", 0.0)),
+            "objects": int(fetch["fetched"]),
+            "runs": 1,
+        }
 
     @property
     def name(self) -> str:
-        return manifest_name(self.endpoint, self.bucket, self.prefix, shard=None if self.shard is None else str(self.shard))
+        return manifest_name(
+            self.endpoint, self.bucket, self.prefix, shard=None if self.shard is None else str(self.shard)
+        )
 
 
 def manifest_name(endpoint: str, bucket: str, prefix: str, *, shard: str | None = None) -> str:
@@ -179,40 +193,21 @@ def manifest_name(endpoint: str, bucket: str, prefix: str, *, shard: str | None 
     return f"{slug}{tail}-{digest}"
 
 
-def escape_key(key: str) -> str:
-    return key.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-
-
-def _unescape_key(line: str) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(line):
-        c = line[i]
-        if c == "\\" and i + 1 < len(line):
-            nxt = line[i + 1]
-            out.append({"n": "\n", "r": "\r", "\\": "\\"}.get(nxt, "\\" + nxt))
-            i += 2
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
-def read_key_list(path: str | os.PathLike[str]) -> list[str]:
-    """Read a ``.keys`` file back into the exact keys."""
-    with open(path, encoding="utf-8", newline="\n") as f:
-        return [_unescape_key(line[:-1] if line.endswith("\n") else line) for line in f]
-
-
 def _record_line(r: ManifestRecord) -> bytes:
     # The fields by hand, in declaration order: dataclasses.asdict deep-copies each value (~20 us a record).
-    fields = {"key": r.key, "sha256": r.sha256, "size": r.size, "etag": r.etag, "last_modified": r.last_modified,
-              "label": r.label}
+    fields = {
+        "key": r.key,
+        "sha256": r.sha256,
+        "size": r.size,
+        "etag": r.etag,
+        "last_modified": r.last_modified,
+        "label": r.label,
+    }
     return (json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
 def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
 
 
 def write_manifest(
@@ -244,10 +239,20 @@ def write_manifest(
         keys.append(r.key)
         total += r.size
     # Through from_json, so a written header is checked exactly as it will be read back.
-    header = ManifestHeader.from_json({
-        **extra, "endpoint": endpoint, "bucket": bucket, "prefix": prefix, "created": utc_now(),
-        "count": len(lines), "total_bytes": total, "records_sha256": h.hexdigest(), "format": MANIFEST_FORMAT,
-    }, source="new manifest")
+    header = ManifestHeader.from_json(
+        {
+            **extra,
+            "endpoint": endpoint,
+            "bucket": bucket,
+            "prefix": prefix,
+            "created": utc_now(),
+            "count": len(lines),
+            "total_bytes": total,
+            "records_sha256": h.hexdigest(),
+            "format": MANIFEST_FORMAT,
+        },
+        source="new manifest",
+    )
     layout.manifests.mkdir(parents=True, exist_ok=True)
     stem = header.name
     path = layout.manifests / f"{stem}{MANIFEST_SUFFIX}"
@@ -312,9 +317,7 @@ class ManifestArrays:
 
     @property
     def nbytes(self) -> int:
-        return int(
-            self.keys.nbytes + self.etags.nbytes + self.sha256.nbytes + self.size.nbytes + self.label.nbytes
-        )
+        return int(self.keys.nbytes + self.etags.nbytes + self.sha256.nbytes + self.size.nbytes + self.label.nbytes)
 
 
 def load_manifest(path: str | os.PathLike[str]) -> ManifestArrays:

@@ -90,7 +90,11 @@ def shard_from_env(environ: Mapping[str, str]) -> ShardSpec | None:
         if raw_index is None and raw_count is None:
             continue
         if raw_index is None or raw_count is None:
-            given, missing = (f"{count_var}={raw_count}", index_var) if raw_index is None else (f"{index_var}={raw_index}", count_var)
+            given, missing = (
+                (f"{count_var}={raw_count}", index_var)
+                if raw_index is None
+                else (f"{index_var}={raw_index}", count_var)
+            )
             raise ValueError(f"{given} but {missing} is not set; set both or pass --shard k/N (SHARD=k/N)")
         label = f"{index_var}={raw_index}, {count_var}={raw_count}"
         try:
@@ -108,6 +112,7 @@ def resolve_shard(flag: str | None, environ: Mapping[str, str]) -> tuple[ShardSp
     Returns:
         ``(spec, origin)``; ``spec`` is None (whole listing) when nothing names a shard or it is ``k/1``.
     """
+    spec: ShardSpec | None
     if flag:
         spec, origin = parse_shard(flag), "--shard"
     else:

@@ -8,6 +8,7 @@ Removing corrupted blobs is a separate, explicit step (:func:`remove_corrupted`,
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,15 @@ from cache.layout import CacheLayout
 from cache.locks import GC_LOCK, cache_lock
 from cache.manifest import ManifestArrays, list_manifests, load_manifest
 
-__all__ = ["GC_LOCK", "Problem", "VerifyReport", "remove_corrupted", "verify_cache"]
+__all__ = ["GC_LOCK", "BlobState", "Problem", "VerifyReport", "remove_corrupted", "verify_cache"]
+
+
+class BlobState(enum.StrEnum):
+    """What verification found of one referenced blob."""
+
+    OK = "ok"
+    MISSING = "missing"  # not in the cache: --repair fetches it again (unless the server deleted it)
+    CORRUPTED = "corrupted"  # does not hash to its name: removed by --repair, then fetched again
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,7 +38,7 @@ class Problem:
     index: int
     key: str
     sha256: str
-    kind: str  # "missing" | "corrupted"
+    kind: BlobState  # MISSING or CORRUPTED
 
 
 @dataclass(kw_only=True)
@@ -56,7 +65,7 @@ def verify_cache(layout: CacheLayout, *, progress: Callable[[int], None] | None 
     Holds the cache's shared GC lock so no eviction runs underneath it.
     """
     report = VerifyReport()
-    verdict: dict[str, str] = {}  # sha -> "ok" | "missing" | "corrupted"
+    verdict: dict[str, BlobState] = {}  # sha -> what was found
     with cache_lock(layout, GC_LOCK, shared=True):
         for m in iter_manifests(layout):
             report.manifests += 1
@@ -67,15 +76,15 @@ def verify_cache(layout: CacheLayout, *, progress: Callable[[int], None] | None 
                 if state is None:
                     path = layout.blob_path(sha)
                     if not path.is_file():
-                        state = "missing"
+                        state = BlobState.MISSING
                     else:
                         report.blobs_checked += 1
                         report.bytes_checked += path.stat().st_size
-                        state = "ok" if hash_file(path) == sha else "corrupted"
+                        state = BlobState.OK if hash_file(path) == sha else BlobState.CORRUPTED
                     verdict[sha] = state
                     if progress is not None:
                         progress(1)
-                if state != "ok":
+                if state is not BlobState.OK:
                     report.problems.append(Problem(manifest=m.path, index=i, key=m.keys[i], sha256=sha, kind=state))
     return report
 
@@ -87,7 +96,7 @@ def remove_corrupted(layout: CacheLayout, problems: list[Problem]) -> int:
     """
     removed = 0
     with cache_lock(layout, GC_LOCK, shared=True):
-        for sha in sorted({p.sha256 for p in problems if p.kind == "corrupted"}):
+        for sha in sorted({p.sha256 for p in problems if p.kind is BlobState.CORRUPTED}):
             path = layout.blob_path(sha)
             if path.is_file() and hash_file(path) != sha:
                 with contextlib.suppress(FileNotFoundError):

@@ -3,9 +3,11 @@
 * :class:`ClientOptions`: how each S3 client talks to the store (``python -m pipeline`` flags).
 * :func:`resolve_endpoint` / :func:`manifest_endpoint`: the one place an endpoint flag, the
   environment or a manifest's endpoint label becomes a URL.
-* :class:`TrainConfig`: every flag of ``train_vae.py``; the command line is derived from its defaults.
-* :class:`LabelRule`: the values of ``--labels`` (fetch and training); the rule itself is :mod:`pipeline.labels`.
-* :class:`SyncPolicy`: the values of ``fetch --sync``; the mirror (:mod:`pipeline.mirror`) applies them.
+* :class:`FetchConfig`: every flag of ``tess fetch``; :class:`TrainConfig`: every flag of ``tess train``
+  (``train_vae.py``); :class:`VAEConfig`: the model's shape. The command lines are derived from their
+  fields and defaults (:mod:`pipeline.flags`).
+* The modes (:class:`LabelRule`, :class:`SyncPolicy`, :class:`Source`, ...) are :mod:`pipeline.modes`'s enums,
+  re-exported here.
 
 Credentials never appear here: boto3's standard chain (environment, profile, instance role) supplies
 them, and nothing in tess prints or stores them. This module imports neither boto3 nor torch.
@@ -13,20 +15,49 @@ them, and nothing in tess prints or stores them. This module imports neither bot
 
 from __future__ import annotations
 
-import enum
+import dataclasses
 import math
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cache.uri import S3Uri
+from pipeline.modes import DeviceKind, LabelRule, OnBadSample, PackMode, RetryMode, Source, SyncPolicy, parse_mode
 
-__all__ = ["AWS_ENDPOINT", "EMBEDDED_DEMO", "IMG_EXTENSIONS", "ClientOptions", "LabelRule", "S3Uri", "SyncPolicy",
-           "TrainConfig", "DEFAULT_LABELS", "DEFAULT_SYNC", "check_endpoint", "label_rule", "manifest_endpoint", "parse_extensions", "redact_url", "resolve_endpoint"]
+if TYPE_CHECKING:
+    from cache.shard import ShardSpec
+
+__all__ = [
+    "AWS_ENDPOINT",
+    "DATASET_SYNC",
+    "DEFAULT_LABELS",
+    "DEFAULT_SYNC",
+    "EMBEDDED_DEMO",
+    "IMG_EXTENSIONS",
+    "ClientOptions",
+    "DeviceKind",
+    "FetchConfig",
+    "LabelRule",
+    "OnBadSample",
+    "PackMode",
+    "RetryMode",
+    "S3Uri",
+    "Source",
+    "SyncPolicy",
+    "TrainConfig",
+    "VAEConfig",
+    "CACHE_DIR_HELP",
+    "check_endpoint",
+    "label_rule",
+    "manifest_endpoint",
+    "parse_extensions",
+    "redact_url",
+    "resolve_endpoint",
+]
 
 ENV_ENDPOINTS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-RETRY_MODES = ("standard", "adaptive", "legacy")
 # Endpoint labels that manifests record instead of a URL.
 AWS_ENDPOINT = "aws"
 # The embedded demo server listens on a fresh port each run, so its manifests name it by this label.
@@ -68,7 +99,7 @@ def resolve_endpoint(explicit: str | None = None) -> str | None:
 def manifest_endpoint(label: str, override: str | None = None) -> str | None:
     """The URL to reach a manifest's objects: ``override`` (``--endpoint``), else the manifest's
     endpoint label when it is a URL, else None (AWS; and :data:`EMBEDDED_DEMO`, which has no lasting
-    URL: a caller that needs its objects starts an embedded server, see ``pipeline.repair``)."""
+    URL: a caller that needs its objects starts an embedded server, see ``pipeline.fetch.repair``)."""
     if override:
         return override
     return label if label.startswith(("http://", "https://")) else None
@@ -81,9 +112,10 @@ class ClientOptions:
     Attributes:
         endpoint: custom endpoint URL (MinIO, Ceph RGW, DSS); None means AWS. Path-style addressing
             is used for custom endpoints.
-        max_connections: objects in flight per client on the event loop (and boto3's pool for uploads).
-        retry_mode: botocore retry mode of the boto3 calls that remain (upload, bucket creation):
-            ``standard`` or ``adaptive`` (client-side rate limiting). The transport retries on its own.
+        max_in_flight: objects in flight per client on the event loop (``--max-in-flight``; each holds one
+            connection at a time); uploads through boto3 cap their threads at 16-32 of them.
+        retry_mode: botocore retry mode of the boto3 calls that remain (upload, bucket creation).
+            The transport retries on its own (``max_attempts``).
         max_attempts: attempts per request, first try included (botocore) and per object body.
         connect_timeout: seconds to open a connection.
         read_timeout: seconds without bytes before a read fails.
@@ -95,11 +127,11 @@ class ClientOptions:
     """
 
     endpoint: str | None = None
-    # Objects in flight per client on the mirror's event loop (README "Performance"): 128 keeps a store
+    # Objects in flight per client on the mirror's event loop (docs/performance.md): 128 keeps a store
     # 20 ms away busy (128 / 0.02 s = 6,400 requests/s in flight) at no cost in threads; the blocking
     # paths (uploads through boto3) cap their threads at 16-32.
-    max_connections: int = 128
-    retry_mode: str = "standard"
+    max_in_flight: int = 128
+    retry_mode: RetryMode = RetryMode.STANDARD
     max_attempts: int = 4
     connect_timeout: float = 3.0
     # Bounds the silence between bytes, not the length of a download.
@@ -111,10 +143,9 @@ class ClientOptions:
     def __post_init__(self) -> None:
         if self.endpoint is not None:
             object.__setattr__(self, "endpoint", check_endpoint(self.endpoint))
-        if not 1 <= self.max_connections <= 1024:
-            raise ValueError(f"max_connections={self.max_connections} must be between 1 and 1024")
-        if self.retry_mode not in RETRY_MODES:
-            raise ValueError(f"retry_mode={self.retry_mode!r} must be one of {', '.join(RETRY_MODES)}")
+        if not 1 <= self.max_in_flight <= 1024:
+            raise ValueError(f"max_in_flight={self.max_in_flight} must be between 1 and 1024 (--max-in-flight)")
+        object.__setattr__(self, "retry_mode", parse_mode(RetryMode, self.retry_mode, "retry_mode", "--retry-mode"))
         if not 1 <= self.max_attempts <= 20:
             raise ValueError(f"max_attempts={self.max_attempts} must be between 1 and 20")
         for name in ("connect_timeout", "read_timeout"):
@@ -153,53 +184,148 @@ def parse_extensions(text: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-class LabelRule(enum.StrEnum):
-    """How the keys of one listing get their labels (``--labels``): one rule for the whole listing.
-
-    Here, beside the other flag values, and not in :mod:`pipeline.labels`: this module must stay free of
-    the listing's imports (the mirror imports this module).
-    """
-
-    AUTO = "auto"  # folder when every image key lies in a class folder, else suffix when every one has it, else none
-    FOLDER = "folder"  # the first folder below the prefix is the class (torchvision ImageFolder)
-    SUFFIX = "suffix"  # <stem>_<int>.<ext> gives int (the research loader)
-    NONE = "none"  # -1 for every key
-
-
 # The one default of --labels: fetch (FetchConfig), training (TrainConfig) and both command lines read it.
 DEFAULT_LABELS = LabelRule.AUTO
 
 
 def label_rule(value: str) -> LabelRule:
     """``value`` as a :class:`LabelRule`; ValueError naming the choices otherwise."""
-    try:
-        return LabelRule(value)
-    except ValueError:
-        raise ValueError(f"labels={value!r} must be one of {', '.join(LabelRule)} (--labels, LABELS=)") from None
+    return parse_mode(LabelRule, value, "labels", "--labels, LABELS=")
 
 
-class SyncPolicy(enum.Enum):
-    """When blobs become durable (``fetch --sync``; README "Guarantees").
+# The one default of --sync (FetchConfig.sync, MirrorSettings.sync). Measured (docs/guarantees.md): one syncfs
+# before the manifest costs a fraction of an fsync per blob.
+DEFAULT_SYNC = SyncPolicy.BEFORE_MANIFEST
+# A dataset the user drives (DSSDataset(load2memory=False)) writes no manifest, so nothing would ever sync its
+# blobs before they are read: each is fsynced before its rename. The fetch stage passes DEFAULT_SYNC.
+DATASET_SYNC = SyncPolicy.PER_BLOB
 
-    Here, beside the other flag values, and not in :mod:`pipeline.mirror_types` (which re-exports it): the
-    command line builds ``--sync`` from it, and importing the mirror's vocabulary costs 30-40 ms of start-up
-    (the body checks, thread pools) that ``fetch --help`` never needs.
+
+# The one help text of every --cache-dir: what cache.layout.default_cache_dir reads, in its order.
+CACHE_DIR_HELP = "cache root (default $TESS_CACHE_DIR, else $XDG_CACHE_HOME/tess, else ~/.cache/tess)"
+
+
+# The shape of the VAE (pipeline.train.model), stored in checkpoints; here so TrainConfig checks it without torch.
+@dataclass(frozen=True, kw_only=True)
+class VAEConfig:
+    """Shape and loss settings of a :class:`VAE`.
+
+    Attributes:
+        image_size: Height and width of the (square) input images; a power of
+            two, at least 8.
+        channels: Number of image channels (3 for RGB).
+        latent_dim: Size of the latent vector ``z``.
+        beta: Weight of the KL term in the loss (``beta``-VAE); 1.0 is the
+            plain ELBO.
+        base_channels: Channels of the first encoder convolution; each further
+            stride-2 stage doubles it. 16 reconstructs the demo set as well as
+            32 in 5 epochs at about half the CPU step time.
     """
 
-    PER_BLOB = "per-blob"  # fsync every blob before its rename
-    # One syncfs of the cache filesystem before the manifest is written (blobs fetched in ranges, at
-    # least large_threshold bytes, are still fsynced each, off the event loop, where it overlaps downloads).
-    BEFORE_MANIFEST = "before-manifest"
+    image_size: int = 32
+    channels: int = 3
+    latent_dim: int = 32
+    beta: float = 1.0
+    base_channels: int = 16
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        if size < 8 or size & (size - 1) != 0:
+            raise ValueError(f"image_size must be a power of two >= 8, got {size}; resize images to 8, 16, 32, 64, ...")
+        if self.channels < 1:
+            raise ValueError(f"channels must be >= 1, got {self.channels}; use 3 for RGB or 1 for greyscale")
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}; use a positive latent size such as 32")
+        if not self.beta >= 0 or math.isinf(self.beta):
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}; use 1.0 for the plain ELBO")
+        if self.base_channels < 1:
+            raise ValueError(f"base_channels must be >= 1, got {self.base_channels}; use a positive width such as 16")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as a plain JSON-serialisable dict (for checkpoints)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VAEConfig:
+        """Rebuild a config from :meth:`to_dict` output.
+
+        Args:
+            data: Field names mapped to values; missing fields take defaults.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ValueError: If ``data`` has keys that are not config fields, or a
+                value fails validation.
+        """
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown VAEConfig keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**dict(data))
 
 
-# The one default of --sync (MirrorSettings.sync, and through it FetchConfig.sync, and the command line). Measured
-# (README "Guarantees"): one syncfs before the manifest costs a fraction of an fsync per blob.
-DEFAULT_SYNC = SyncPolicy.BEFORE_MANIFEST
+@dataclass(frozen=True, kw_only=True)
+class FetchConfig:
+    """What to fetch and how.
 
+    Attributes:
+        prefix: ``s3://bucket/prefix``.
+        options: S3 client options (endpoint, connections, retries, timeouts).
+        cache_dir: cache root; None: ``$TESS_CACHE_DIR``, else ``$XDG_CACHE_HOME/tess``, else ``~/.cache/tess``.
+        workers: DataLoader worker processes (0 = fetch in the main process).
+        clients: clients per process; worker ``i`` uses client ``i % clients``.
+        batch: objects per DataLoader batch (each batch is fetched concurrently).
+        limit: fetch at most this many objects (the first ones in listing order).
+        verify: rehash local blobs instead of trusting the key index.
+        max_cache_bytes: after the fetch, evict until blobs + packs fit (see :mod:`cache.gc`); a prefix
+            larger than the cap fails before any download.
+        endpoint_label: what the manifest records as endpoint (default: the endpoint URL or ``aws``).
+        progress: show a tqdm bar (bytes in MB = 10^6 bytes, like the summary line).
+        sync: when blobs become durable (docs/guarantees.md); the manifest is always written after.
+        shard: mirror only this shard of the listing (:mod:`cache.shard`); the manifest records it
+            as ``shard: "k/N"`` and gets its own file. None (or ``k/1``) means the whole listing.
+        labels: the label rule (:mod:`pipeline.fetch.labels`), decided over the whole listing before any
+            sharding; the manifest records the rule applied as ``labels``.
+    """
 
-SOURCES = ("cache", "s3")
-PACK_MODES = ("auto", "on", "off")
-BAD_SAMPLE_MODES = ("stop", "skip")
+    prefix: str
+    options: ClientOptions = field(default_factory=ClientOptions)
+    cache_dir: str | os.PathLike[str] | None = None
+    workers: int = 0
+    clients: int = 1
+    batch: int = 64
+    limit: int | None = None
+    verify: bool = False
+    endpoint_label: str | None = None
+    progress: bool = True
+    max_cache_bytes: int | None = None
+    shard: ShardSpec | None = None
+    sync: SyncPolicy = DEFAULT_SYNC
+    labels: LabelRule = DEFAULT_LABELS
+
+    @property
+    def shard_to_fetch(self) -> ShardSpec | None:
+        """The shard to keep of the listing, None for all of it (no ``shard``, or ``k/1``)."""
+        return self.shard if self.shard is not None and not self.shard.whole else None
+
+    def __post_init__(self) -> None:
+        S3Uri.parse(self.prefix)
+        object.__setattr__(self, "labels", label_rule(self.labels))
+        object.__setattr__(self, "sync", parse_mode(SyncPolicy, self.sync, "sync", "--sync"))
+        if not 0 <= self.workers <= 256:
+            raise ValueError(f"workers={self.workers} must be between 0 and 256 (-w/--workers, WORKERS=)")
+        if not 1 <= self.clients <= 256:
+            raise ValueError(f"clients={self.clients} must be between 1 and 256 (-c/--clients, CLIENTS=)")
+        if not 1 <= self.batch <= 100_000:
+            raise ValueError(f"batch={self.batch} must be between 1 and 100000 (--batch)")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit={self.limit} must be >= 1 (--limit)")
+        if self.max_cache_bytes is not None and self.max_cache_bytes < 1:
+            raise ValueError(
+                f"max_cache_bytes={self.max_cache_bytes} must be >= 1 (--max-cache-bytes, CACHE_MAX_BYTES=)"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,13 +337,13 @@ class TrainConfig:
     workers: int = 0
     clients: int = 1
     lr: float = 1e-3
-    latent_dim: int = 32
-    beta: float = 1.0
-    image_size: int = 32
+    latent_dim: int = VAEConfig.latent_dim
+    beta: float = VAEConfig.beta
+    image_size: int = VAEConfig.image_size
     seed: int = 0
-    device: str = "auto"
+    device: str = DeviceKind.AUTO  # a DeviceKind, or cuda:N
     amp: bool = False
-    source: str = "cache"
+    source: Source = Source.CACHE
     prefix: str | None = None
     endpoint: str | None = None
     manifest: str | None = None
@@ -225,17 +351,17 @@ class TrainConfig:
     out: str = "runs/latest"
     resume: bool = False
     force_resume: bool = False
-    pack: str = "auto"
-    on_bad_sample: str = "stop"
+    pack: PackMode = PackMode.AUTO
+    on_bad_sample: OnBadSample = OnBadSample.STOP
     progress: bool = True
     # One intra-op thread: torch's default (one per core) spins OpenMP threads that collapse when any other
     # process wants a core (bench/results/contention_n2000.md, 2 cores: one thread 785 img/s beside a busy
     # process vs 268 for torch's default, at a 17% cost when idle); 0 means torch's own choice.
     threads: int = 1
     extensions: tuple[str, ...] = IMG_EXTENSIONS
-    # auto with --source cache: the manifest's labels as recorded at fetch time (pipeline.sources).
+    # auto with --source cache: the manifest's labels as recorded at fetch time (pipeline.train.sources).
     labels: LabelRule = DEFAULT_LABELS
-    # --source s3: batches each DataLoader process keeps in flight ahead of the one asked for (pipeline.readahead).
+    # --source s3: batches each DataLoader process keeps in flight ahead of the one asked for (pipeline.data.readahead).
     prefetch: int = 2
     # --source s3: store the streamed bodies in the cache and pin them in a manifest after the first epoch.
     cache_as_you_go: bool = False
@@ -248,21 +374,27 @@ class TrainConfig:
             (self.clients >= 1, f"clients={self.clients} must be >= 1 (-c/--clients)"),
             (self.threads >= 0, f"threads={self.threads} must be >= 0 (--threads; 0 = torch's default)"),
             (0 <= self.prefetch <= 64, f"prefetch={self.prefetch} must be between 0 and 64 (--prefetch)"),
-            (not self.cache_as_you_go or self.source == "s3", "--cache-as-you-go applies to --source s3 only"),
+            (not self.cache_as_you_go or self.source == Source.S3, "--cache-as-you-go applies to --source s3 only"),
             (self.lr > 0 and math.isfinite(self.lr), f"lr={self.lr} must be a positive number (--lr)"),
-            (self.source in SOURCES, f"source={self.source!r} must be one of {', '.join(SOURCES)} (--source)"),
-            (self.pack in PACK_MODES, f"pack={self.pack!r} must be one of {', '.join(PACK_MODES)} (--pack)"),
-            (self.on_bad_sample in BAD_SAMPLE_MODES, f"on_bad_sample={self.on_bad_sample!r} must be stop or skip"),
-            (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-             f"device={self.device!r} must be auto, cpu, cuda[:N] or mps (--device)"),
+            (
+                self.device.split(":")[0] in tuple(DeviceKind),
+                f"device={self.device!r} must be auto, cpu, cuda[:N] or mps (--device)",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        for name, kind, flag in (
+            ("source", Source, "--source"),
+            ("pack", PackMode, "--pack"),
+            ("on_bad_sample", OnBadSample, "--on-bad-sample"),
+        ):
+            object.__setattr__(self, name, parse_mode(kind, getattr(self, name), name, flag))
         object.__setattr__(self, "extensions", parse_extensions(self.extensions))
         object.__setattr__(self, "labels", label_rule(self.labels))
-        # Imported here, not at the top: the model module imports torch, and this module must not
-        # (``python -m pipeline fetch`` and ``train_vae.py --help`` read it).
-        from pipeline.model import VAEConfig
-
         VAEConfig(image_size=self.image_size, latent_dim=self.latent_dim, beta=self.beta)
+
+    @property
+    def device_kind(self) -> DeviceKind:
+        """The kind of ``device`` (``cuda:1`` is :attr:`DeviceKind.CUDA`)."""
+        return DeviceKind(self.device.split(":")[0])

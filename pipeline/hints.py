@@ -2,7 +2,7 @@
 
 Every suggestion names the prefix, endpoint, cache folder and shard the user is working with, so it is
 right to copy and paste: a hint that drops ``CACHE_DIR=`` fetches into the wrong cache. Each hint gives
-the ``make`` line and the equivalent ``python -m pipeline`` line.
+the ``make`` line and the equivalent ``tess`` line (``.venv/bin/tess``: every make target installs it).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import shlex
 from cache.layout import CacheLayout, default_cache_dir
 from pipeline.config import EMBEDDED_DEMO, manifest_endpoint
 
-
-# One setting as (the make variable, the python -m pipeline flag); None parts are left out.
+# One setting as (the make variable, the tess flag); None parts are left out.
 Part = tuple[str, str]
 
 
@@ -39,21 +38,35 @@ def _command(make: str, cli: str, parts: list[Part | None]) -> str:
     return f"`{' '.join([make, *(m for m, _ in kept)])}` (or `{' '.join([cli, *(c for _, c in kept)])}`)"
 
 
-def fetch_hint(uri: str | None, *, endpoint: str | None = None, cache_dir=None, shard: str | None = None,
-               labels: str | None = None) -> str:
-    """``make fetch ...`` (and the ``python -m pipeline fetch`` form) for this prefix and these settings.
+def fetch_hint(
+    uri: str | None, *, endpoint: str | None = None, cache_dir=None, shard: str | None = None, labels: str | None = None
+) -> str:
+    """``make fetch ...`` (and the ``tess fetch`` form) for this prefix and these settings.
 
     ``uri`` None (or an embedded-demo manifest) means the demo set; ``labels`` a label rule to force.
     """
     prefix = (f"PREFIX={shlex.quote(uri)}", shlex.quote(uri)) if uri and endpoint != EMBEDDED_DEMO else None
-    return _command("make fetch", "python -m pipeline fetch", [
-        prefix, _endpoint_part(endpoint), (f"SHARD={shard}", f"--shard {shard}") if shard else None,
-        (f"LABELS={labels}", f"--labels {labels}") if labels else None, _cache_dir_part(cache_dir),
-    ])
+    return _command(
+        "make fetch",
+        "tess fetch",
+        [
+            prefix,
+            _endpoint_part(endpoint),
+            (f"SHARD={shard}", f"--shard {shard}") if shard else None,
+            (f"LABELS={labels}", f"--labels {labels}") if labels else None,
+            _cache_dir_part(cache_dir),
+        ],
+    )
 
 
 def verify_hint(*, repair: bool, endpoint: str | None = None, cache_dir=None) -> str:
-    """``make verify [REPAIR=1] ...`` (and the ``python -m pipeline verify`` form) for these settings."""
-    return _command("make verify", "python -m pipeline verify", [
-        ("REPAIR=1", "--repair") if repair else None, _endpoint_part(endpoint), _cache_dir_part(cache_dir),
-    ])
+    """``make verify [REPAIR=1] ...`` (and the ``tess verify`` form) for these settings."""
+    return _command(
+        "make verify",
+        "tess verify",
+        [
+            ("REPAIR=1", "--repair") if repair else None,
+            _endpoint_part(endpoint),
+            _cache_dir_part(cache_dir),
+        ],
+    )

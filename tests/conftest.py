@@ -41,7 +41,7 @@ def fake_credentials() -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="session")
 def s3_server(fake_credentials):
     """moto's S3 on 127.0.0.1 at a free port, for the whole session."""
-    from pipeline.server import LoopbackS3Server
+    from pipeline.demo.server import LoopbackS3Server
 
     with LoopbackS3Server() as server:
         yield server

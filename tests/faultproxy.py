@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape
 
-from pipeline.server import request_kind
+from pipeline.demo.server import request_kind
 
 # Kinds drawn on the seeded schedule, and the kinds ``always`` may force as well.
 SCHEDULED_KINDS = ("500", "503", "reset", "stall", "stall_body", "truncate", "corrupt")
@@ -49,10 +49,24 @@ _ERRORS = {
     "403": (403, "Forbidden", "AccessDenied", "Access Denied"),
     "404": (404, "Not Found", "NoSuchKey", "The specified key does not exist."),
     # Credentials the server no longer knows (revoked mid-run): fatal for the whole fetch.
-    "badkey": (403, "Forbidden", "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
+    "badkey": (
+        403,
+        "Forbidden",
+        "InvalidAccessKeyId",
+        "The AWS Access Key Id you provided does not exist in our records.",
+    ),
 }
 # Headers that describe one hop, not the message; the proxy sets its own framing.
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "te", "upgrade", "expect"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "proxy-connection",
+    "te",
+    "upgrade",
+    "expect",
+}
 # A stall never outlasts this, even if the client never times out.
 MAX_STALL_S = 60.0
 
@@ -238,9 +252,16 @@ class FaultProxy:
         watched: for each string of ``watch``, how many requests carried it.
     """
 
-    def __init__(self, upstream: str, *, seed: int = 0, rates: Mapping[str, float] | None = None,
-                 target: Callable[[str, str, str], bool] = reads, always: Mapping[str, str] | None = None,
-                 watch: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        seed: int = 0,
+        rates: Mapping[str, float] | None = None,
+        target: Callable[[str, str, str], bool] = reads,
+        always: Mapping[str, str] | None = None,
+        watch: Sequence[str] = (),
+    ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname or not parts.port:
             raise ValueError(f"upstream {upstream!r} must be http://host:port")
@@ -266,8 +287,9 @@ class FaultProxy:
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._server = _Server(("127.0.0.1", 0), _Handler, bind_and_activate=True)
         self._server.proxy = self
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="faultproxy", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="faultproxy", daemon=True
+        )
 
     @property
     def endpoint(self) -> str:

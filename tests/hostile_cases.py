@@ -20,8 +20,17 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 from tests.hostile_server import (
-    BUCKET, Behaviour, Conn, HostileServer, StoredObject, base_headers, error_answer, error_xml, message,
-    object_headers, right,
+    BUCKET,
+    Behaviour,
+    Conn,
+    HostileServer,
+    StoredObject,
+    base_headers,
+    error_answer,
+    error_xml,
+    message,
+    object_headers,
+    right,
 )
 
 ERROR_BODY_BYTES = 100_000_000  # the "big" error answers: 100 MB
@@ -76,7 +85,9 @@ def double_answer(other: StoredObject) -> Behaviour:
     """A right answer, then at once a complete second 200 carrying ``other``'s bytes and ETag."""
 
     def send(conn: Conn, obj: StoredObject) -> bool:
-        conn.send(message(200, "OK", object_headers(obj), obj.data) + message(200, "OK", object_headers(other), other.data))
+        conn.send(
+            message(200, "OK", object_headers(obj), obj.data) + message(200, "OK", object_headers(other), other.data)
+        )
         return True
 
     return send
@@ -106,7 +117,9 @@ def chunked_long(conn: Conn, obj: StoredObject) -> bool:
 def chunked_cut(conn: Conn, obj: StoredObject) -> bool:
     """Chunks, then a clean close at a chunk boundary, never the last 0-chunk (all bytes, or half)."""
     d = obj.data if obj.index % 2 == 0 else obj.data[: len(obj.data) // 2]
-    conn.send(message(200, "OK", _chunked_headers(obj), b"".join(_frame(d[i:i + 1000]) for i in range(0, len(d), 1000))))
+    conn.send(
+        message(200, "OK", _chunked_headers(obj), b"".join(_frame(d[i : i + 1000]) for i in range(0, len(d), 1000)))
+    )
     return False
 
 
@@ -119,7 +132,9 @@ def chunked_badsize(conn: Conn, obj: StoredObject) -> bool:
 
 
 def _length_answer(conn: Conn, obj: StoredObject, lengths: list[str]) -> None:
-    conn.send(message(200, "OK", [*object_headers(obj, length=False), *(("Content-Length", v) for v in lengths)], obj.data))
+    conn.send(
+        message(200, "OK", [*object_headers(obj, length=False), *(("Content-Length", v) for v in lengths)], obj.data)
+    )
 
 
 def cl_short(conn: Conn, obj: StoredObject) -> bool:
@@ -222,7 +237,11 @@ def gzip_on_the_fly(conn: Conn, obj: StoredObject) -> bool:
     """The true bytes gzipped with ``Content-Encoding: gzip``: with length and ETag, or chunked without ETag."""
     packed = gzip.compress(obj.data, mtime=0)
     if obj.index % 2 == 0:
-        headers = [*object_headers(obj, length=False), ("Content-Encoding", "gzip"), ("Content-Length", str(len(packed)))]
+        headers = [
+            *object_headers(obj, length=False),
+            ("Content-Encoding", "gzip"),
+            ("Content-Length", str(len(packed))),
+        ]
         conn.send(message(200, "OK", headers, packed))
     else:
         headers = [*_chunked_headers(obj, etag=False), ("Content-Encoding", "gzip")]
@@ -235,7 +254,7 @@ def changed(*, etag: bool) -> Behaviour:
 
     def send(conn: Conn, obj: StoredObject) -> bool:
         mid = len(obj.data) // 2
-        data = obj.data[:mid] + bytes([obj.data[mid] ^ 0x01]) + obj.data[mid + 1:]
+        data = obj.data[:mid] + bytes([obj.data[mid] ^ 0x01]) + obj.data[mid + 1 :]
         conn.send(message(200, "OK", object_headers(obj, etag=etag), data))
         return True
 
@@ -245,9 +264,12 @@ def changed(*, etag: bool) -> Behaviour:
 # -- errors ----------------------------------------------------------------------------------------------
 
 _REASONS = {403: "Forbidden", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
-_CODES = {403: ("AccessDenied", "Access Denied"), 404: ("NoSuchKey", "The specified key does not exist."),
-          500: ("InternalError", "We encountered an internal error. Please try again."),
-          503: ("SlowDown", "Please reduce your request rate.")}
+_CODES = {
+    403: ("AccessDenied", "Access Denied"),
+    404: ("NoSuchKey", "The specified key does not exist."),
+    500: ("InternalError", "We encountered an internal error. Please try again."),
+    503: ("SlowDown", "Please reduce your request rate."),
+}
 
 
 def error_big(status: int, *, chunked: bool = False) -> Behaviour:
@@ -288,11 +310,18 @@ def redirect(status: int) -> Behaviour:
 
     def send(conn: Conn, obj: StoredObject) -> bool:
         if status == 301:
-            reason, kind, body = "Moved Permanently", "text/html", b"<html><body><h1>301 Moved Permanently</h1></body></html>"
+            reason, kind, body = (
+                "Moved Permanently",
+                "text/html",
+                b"<html><body><h1>301 Moved Permanently</h1></body></html>",
+            )
         else:
             reason, kind = "Temporary Redirect", "application/xml"
-            body = error_xml("TemporaryRedirect", "Please re-send this request to the specified temporary endpoint.",
-                             f"/{BUCKET}/{obj.key}")
+            body = error_xml(
+                "TemporaryRedirect",
+                "Please re-send this request to the specified temporary endpoint.",
+                f"/{BUCKET}/{obj.key}",
+            )
         location = f"{conn.server.endpoint}/{BUCKET}/{quote(f'{REDIRECT_TARGETS}/{obj.key}', safe='/~')}"
         headers = [*base_headers(), ("Location", location), ("Content-Type", kind), ("Content-Length", str(len(body)))]
         conn.send(message(status, reason, headers, body))
@@ -304,8 +333,14 @@ def redirect(status: int) -> Behaviour:
 # -- the cases -------------------------------------------------------------------------------------------
 
 
-def _case(*gets: Behaviour, n: int = 4, size: int | None = None, multipart_etag: bool = False,
-          data: Callable[[str], bytes] | None = None, encoding: str | None = None) -> Callable[[str], list[StoredObject]]:
+def _case(
+    *gets: Behaviour,
+    n: int = 4,
+    size: int | None = None,
+    multipart_etag: bool = False,
+    data: Callable[[str], bytes] | None = None,
+    encoding: str | None = None,
+) -> Callable[[str], list[StoredObject]]:
     """Objects ``<case>/obj-NN.bin`` whose GETs follow the schedule ``gets`` (the last one repeats)."""
 
     def build(case: str) -> list[StoredObject]:
@@ -328,8 +363,10 @@ def _double(case: str) -> list[StoredObject]:
 
 def _slow_steady(case: str) -> list[StoredObject]:
     sizes = [SLOW_STEADY_SIZE, 4_000, 4_000]
-    return [StoredObject(f"{case}/obj-{i:02d}.bin", _random_bytes(f"{case}/{i}", s), i, gets=(slow_steady,))
-            for i, s in enumerate(sizes)]
+    return [
+        StoredObject(f"{case}/obj-{i:02d}.bin", _random_bytes(f"{case}/{i}", s), i, gets=(slow_steady,))
+        for i, s in enumerate(sizes)
+    ]
 
 
 def _one_denied(case: str) -> list[StoredObject]:
@@ -380,8 +417,13 @@ CASES: dict[str, Callable[[str], list[StoredObject]]] = {
 }
 
 # Keys for the server's self-tests (right answers): spaces, '+', '%', unicode, a folder, a marker.
-SELFTEST_KEYS = ("selftest/a b+c.bin", "selftest/x%2Fy.bin", "selftest/ünï/ké y.bin", "selftest/sub/deep/z.bin",
-                 "selftest/zz~.bin")
+SELFTEST_KEYS = (
+    "selftest/a b+c.bin",
+    "selftest/x%2Fy.bin",
+    "selftest/ünï/ké y.bin",
+    "selftest/sub/deep/z.bin",
+    "selftest/zz~.bin",
+)
 
 
 def build_objects() -> list[StoredObject]:

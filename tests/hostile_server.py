@@ -84,8 +84,9 @@ class Request:
 # -- answers ---------------------------------------------------------------------------------------------
 
 
-def message(status: int, reason: str, headers: Iterable[tuple[str, str]], body: bytes = b"", *,
-            version: str = "HTTP/1.1") -> bytes:
+def message(
+    status: int, reason: str, headers: Iterable[tuple[str, str]], body: bytes = b"", *, version: str = "HTTP/1.1"
+) -> bytes:
     """A whole HTTP answer, exactly as given (no header added, none checked)."""
     head = "".join(f"{k}: {v}\r\n" for k, v in headers)
     return f"{version} {status} {reason}\r\n{head}\r\n".encode("latin-1") + body
@@ -97,8 +98,12 @@ def base_headers() -> list[tuple[str, str]]:
 
 def object_headers(obj: StoredObject, *, length: bool = True, etag: bool = True) -> list[tuple[str, str]]:
     """The headers of a right answer for ``obj`` (``length``/``etag`` False leave those out)."""
-    headers = [*base_headers(), ("Last-Modified", email.utils.format_datetime(LAST_MODIFIED, usegmt=True)),
-               ("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes")]
+    headers = [
+        *base_headers(),
+        ("Last-Modified", email.utils.format_datetime(LAST_MODIFIED, usegmt=True)),
+        ("Content-Type", "application/octet-stream"),
+        ("Accept-Ranges", "bytes"),
+    ]
     if etag:
         headers.append(("ETag", obj.etag))
     if obj.content_encoding:
@@ -109,8 +114,10 @@ def object_headers(obj: StoredObject, *, length: bool = True, etag: bool = True)
 
 
 def error_xml(code: str, text: str, resource: str) -> bytes:
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{escape(text)}</Message>'
-            f"<Resource>{escape(resource)}</Resource><RequestId>HOSTILE0</RequestId></Error>").encode()
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{escape(text)}</Message>'
+        f"<Resource>{escape(resource)}</Resource><RequestId>HOSTILE0</RequestId></Error>"
+    ).encode()
 
 
 def error_answer(status: int, reason: str, code: str, text: str, resource: str, *, body: bool = True) -> bytes:
@@ -161,7 +168,7 @@ class Conn:
         for start in range(0, len(view), piece):
             if start:
                 self.pause(interval)
-            self.send(view[start:start + piece])
+            self.send(view[start : start + piece])
 
     def wait_gone(self, cap: float) -> None:
         """Send nothing until the client hangs up (or ``cap`` seconds, or the server stops)."""
@@ -348,25 +355,42 @@ class HostileServer:
         bucket, _, key = req.path.lstrip("/").partition("/")
         head_only = req.method == "HEAD"
         if bucket != BUCKET:
-            conn.send(error_answer(404, "Not Found", "NoSuchBucket", "The specified bucket does not exist.",
-                                   f"/{bucket}", body=not head_only))
+            conn.send(
+                error_answer(
+                    404,
+                    "Not Found",
+                    "NoSuchBucket",
+                    "The specified bucket does not exist.",
+                    f"/{bucket}",
+                    body=not head_only,
+                )
+            )
             return True
         if not key:
             if req.method == "GET" and "list-type=2" in req.query.split("&"):
                 self._count("LIST", "")
                 body = self.list_v2(req.query)
-                conn.send(message(200, "OK", [*base_headers(), ("Content-Type", "application/xml"),
-                                              ("Content-Length", str(len(body)))], body))
+                conn.send(
+                    message(
+                        200,
+                        "OK",
+                        [*base_headers(), ("Content-Type", "application/xml"), ("Content-Length", str(len(body)))],
+                        body,
+                    )
+                )
             elif head_only:
                 conn.send(message(200, "OK", [*base_headers(), ("Content-Length", "0")]))
             else:
-                conn.send(error_answer(501, "Not Implemented", "NotImplemented", "Only ListObjectsV2 is served.",
-                                       req.path))
+                conn.send(
+                    error_answer(501, "Not Implemented", "NotImplemented", "Only ListObjectsV2 is served.", req.path)
+                )
             return True
         n = self._count(req.method, key)
         obj = self.objects.get(key)
         if obj is None:
-            conn.send(error_answer(404, "Not Found", "NoSuchKey", "The key does not exist.", req.path, body=not head_only))
+            conn.send(
+                error_answer(404, "Not Found", "NoSuchKey", "The key does not exist.", req.path, body=not head_only)
+            )
             return True
         if req.method not in ("GET", "HEAD"):
             conn.send(error_answer(405, "Method Not Allowed", "MethodNotAllowed", "GET and HEAD only.", req.path))
@@ -386,7 +410,12 @@ class HostileServer:
         def arg(name: str, default: str = "") -> str:
             return q.get(name, [default])[0]
 
-        prefix, delimiter, token, start_after = arg("prefix"), arg("delimiter"), arg("continuation-token"), arg("start-after")
+        prefix, delimiter, token, start_after = (
+            arg("prefix"),
+            arg("delimiter"),
+            arg("continuation-token"),
+            arg("start-after"),
+        )
         max_keys = max(0, min(1000, int(arg("max-keys", "1000") or 1000)))
         url = arg("encoding-type") == "url"
         after, skip = start_after, ""
@@ -399,7 +428,7 @@ class HostileServer:
                 continue
             cut = key.find(delimiter, len(prefix)) if delimiter else -1
             if cut >= 0:
-                common = key[:cut + len(delimiter)]
+                common = key[: cut + len(delimiter)]
                 if not entries or entries[-1] != ("P", common):
                     entries.append(("P", common))
             else:
@@ -409,8 +438,10 @@ class HostileServer:
         def text(s: str) -> str:
             return escape(quote_plus(s, safe="/") if url else s, {'"': "&quot;"})
 
-        out = ['<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
-               f"<Name>{BUCKET}</Name><Prefix>{text(prefix)}</Prefix>"]
+        out = [
+            '<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
+            f"<Name>{BUCKET}</Name><Prefix>{text(prefix)}</Prefix>",
+        ]
         if delimiter:
             out.append(f"<Delimiter>{text(delimiter)}</Delimiter>")
         if start_after:
@@ -427,9 +458,11 @@ class HostileServer:
         for kind, name in page:  # S3 lists Contents first, then CommonPrefixes
             if kind == "K":
                 obj = self.objects[name]
-                out.append(f"<Contents><Key>{text(name)}</Key><LastModified>{stamp}</LastModified>"
-                           f"<ETag>{escape(obj.etag, {chr(34): '&quot;'})}</ETag><Size>{len(obj.data)}</Size>"
-                           "<StorageClass>STANDARD</StorageClass></Contents>")
+                out.append(
+                    f"<Contents><Key>{text(name)}</Key><LastModified>{stamp}</LastModified>"
+                    f"<ETag>{escape(obj.etag, {chr(34): '&quot;'})}</ETag><Size>{len(obj.data)}</Size>"
+                    "<StorageClass>STANDARD</StorageClass></Contents>"
+                )
         out += [f"<CommonPrefixes><Prefix>{text(name)}</Prefix></CommonPrefixes>" for kind, name in page if kind == "P"]
         out.append("</ListBucketResult>")
         return "".join(out).encode()

@@ -60,7 +60,9 @@ def ensure_installed() -> None:
     if not missing:
         return
     if os.geteuid() != 0:
-        raise RgwUnavailable(f"{', '.join(missing)} not installed and not root, so apt-get cannot install {' '.join(PACKAGES)}")
+        raise RgwUnavailable(
+            f"{', '.join(missing)} not installed and not root, so apt-get cannot install {' '.join(PACKAGES)}"
+        )
     if shutil.which("apt-get") is None:
         raise RgwUnavailable(f"{', '.join(missing)} not installed and there is no apt-get")
     install = ("install", "-y", "--no-install-recommends", "-o", "Dpkg::Options::=--force-confold", *PACKAGES)
@@ -77,8 +79,14 @@ def _apt(*args: str) -> str | None:
     """``apt-get ARGS`` (non-interactive, bounded): None when it worked, else the reason (its last error line)."""
     cmd = ["apt-get", "-o", "DPkg::Lock::Timeout=120", *args]  # wait for another apt, within bounds
     try:
-        proc = subprocess.run(cmd, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=APT_TIMEOUT_S)
+        proc = subprocess.run(
+            cmd,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=APT_TIMEOUT_S,
+        )
     except subprocess.TimeoutExpired:
         return f"apt-get {args[0]} did not finish within {APT_TIMEOUT_S:.0f} s"
     if proc.returncode == 0:
@@ -210,8 +218,20 @@ class RgwCluster:
             self._start_mon()
             self._start_osd(deadline)
             # Creates RGW's pools (most of the start-up time) and the S3 user with the fixed key pair.
-            self._ceph("radosgw-admin", "user", "create", "--uid", USER, "--display-name", USER,
-                       "--access-key", self.access_key, "--secret", self.secret_key, timeout=deadline - time.monotonic())
+            self._ceph(
+                "radosgw-admin",
+                "user",
+                "create",
+                "--uid",
+                USER,
+                "--display-name",
+                USER,
+                "--access-key",
+                self.access_key,
+                "--secret",
+                self.secret_key,
+                timeout=deadline - time.monotonic(),
+            )
             self._spawn("rgw", "radosgw", "-n", "client.rgw.a")
             self._wait_s3(deadline)
         except BaseException as e:
@@ -250,14 +270,18 @@ class RgwCluster:
         self.ca_bundle, cert, key = files.ca, files.cert, files.key
         self.fsid = str(uuid.uuid4())
         ports = {"mon_port": free_port(), "http_port": free_port(), "https_port": free_port()}
-        self.conf.write_text(CONF.format(fsid=self.fsid, root=self.root, cert=cert, key=key, memstore_bytes=4 << 30, **ports))
+        self.conf.write_text(
+            CONF.format(fsid=self.fsid, root=self.root, cert=cert, key=key, memstore_bytes=4 << 30, **ports)
+        )
         self.endpoint = f"http://127.0.0.1:{ports['http_port']}"
         self.https_endpoint = f"https://127.0.0.1:{ports['https_port']}"
         self.mon_port = ports["mon_port"]
 
     def _start_mon(self) -> None:
         monmap = self.root / "monmap"
-        self._run("monmaptool", "--create", "--fsid", self.fsid, "--addv", "a", f"[v2:127.0.0.1:{self.mon_port}]", str(monmap))
+        self._run(
+            "monmaptool", "--create", "--fsid", self.fsid, "--addv", "a", f"[v2:127.0.0.1:{self.mon_port}]", str(monmap)
+        )
         self._ceph("ceph-mon", "--mkfs", "-i", "a", "--monmap", str(monmap))
         self._spawn("mon", "ceph-mon", "-i", "a")
 
@@ -270,7 +294,9 @@ class RgwCluster:
         self._ceph("ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid, timeout=60)
         self._spawn("osd", "ceph-osd", "-i", "0")
         while True:
-            dump = json.loads(self._ceph("ceph", "--connect-timeout", "10", "osd", "dump", "--format", "json", timeout=30))
+            dump = json.loads(
+                self._ceph("ceph", "--connect-timeout", "10", "osd", "dump", "--format", "json", timeout=30)
+            )
             if any(o["osd"] == 0 and o["up"] == 1 for o in dump["osds"]):
                 return
             self._check_alive(deadline, "osd.0 to be up")
@@ -300,18 +326,33 @@ class RgwCluster:
     def _spawn(self, name: str, binary: str, *args: str) -> None:
         """Start a daemon in the foreground (-f) so that its pid is ours to stop; output to log/NAME.out."""
         with open(self.root / "log" / f"{name}.out", "ab") as out:
-            self._procs[name] = subprocess.Popen([binary, "-c", str(self.conf), "-f", *args], cwd=self.root, env=self._env,
-                                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                                 preexec_fn=_die_with_parent)
+            self._procs[name] = subprocess.Popen(
+                [binary, "-c", str(self.conf), "-f", *args],
+                cwd=self.root,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
 
     def _ceph(self, binary: str, *args: str, timeout: float = 30) -> str:
         return self._run(binary, "-c", str(self.conf), *args, timeout=timeout)
 
     def _run(self, *cmd: str, timeout: float = 30) -> str:
-        proc = subprocess.run(cmd, cwd=self.root, env=self._env, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=max(timeout, 1))
+        proc = subprocess.run(
+            cmd,
+            cwd=self.root,
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=max(timeout, 1),
+        )
         if proc.returncode != 0:
-            raise RgwError(f"{' '.join(cmd[:4])} ... exited with {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-2000:]}")
+            raise RgwError(
+                f"{' '.join(cmd[:4])} ... exited with {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-2000:]}"
+            )
         return proc.stdout
 
     def log_tail(self, lines: int = 20) -> str:
@@ -324,18 +365,32 @@ class RgwCluster:
 
     def env(self) -> dict[str, str]:
         """Environment for a tess child process: this cluster's user."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def client(self, *, tls: bool = False, connect_timeout: float = 5, read_timeout: float = 60):
         """A boto3 S3 client of the tess user (path-style; over TLS it trusts only this cluster's CA)."""
         import boto3
         import botocore.config
 
-        cfg = botocore.config.Config(s3={"addressing_style": "path"}, connect_timeout=connect_timeout,
-                                     read_timeout=read_timeout, retries={"max_attempts": 1, "mode": "standard"})
-        return boto3.client("s3", endpoint_url=self.https_endpoint if tls else self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-                            verify=str(self.ca_bundle) if tls else None, config=cfg)
+        cfg = botocore.config.Config(
+            s3={"addressing_style": "path"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": 1, "mode": "standard"},
+        )
+        return boto3.client(
+            "s3",
+            endpoint_url=self.https_endpoint if tls else self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            verify=str(self.ca_bundle) if tls else None,
+            config=cfg,
+        )
 
     def requests(self, timeout: float = 10) -> list[Request]:
         """Every request RGW has logged so far, in log order, including all answered before this call.
@@ -366,7 +421,11 @@ class RgwCluster:
 
     def get_keys(self, bucket: str, prefix: str = "") -> list[str]:
         """Keys of every object GET (not HEAD, not listings) RGW has served under ``bucket/prefix``, in order."""
-        return [r.key for r in self.requests() if r.method == "GET" and r.bucket == bucket and r.key and r.key.startswith(prefix)]
+        return [
+            r.key
+            for r in self.requests()
+            if r.method == "GET" and r.bucket == bucket and r.key and r.key.startswith(prefix)
+        ]
 
     def get_count(self, bucket: str, prefix: str = "") -> int:
         """How many object GETs of ``bucket/prefix`` reached RGW so far (tests compare two counts)."""

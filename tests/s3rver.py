@@ -46,13 +46,28 @@ def install(prefix: Path = INSTALL_DIR) -> Path:
     # One retry and bounded timeouts: an unreachable registry is reported in seconds (npm's defaults
     # retry for over a minute), and a black-holed one within about a minute.
     proc = subprocess.run(
-        ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error",
-         "--fetch-retries=1", "--fetch-retry-mintimeout=1000", "--fetch-retry-maxtimeout=5000",
-         "--fetch-timeout=30000", f"s3rver@{VERSION}"],
-        capture_output=True, text=True, timeout=300,
+        [
+            "npm",
+            "install",
+            "--prefix",
+            str(prefix),
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+            "--fetch-retries=1",
+            "--fetch-retry-mintimeout=1000",
+            "--fetch-retry-maxtimeout=5000",
+            "--fetch-timeout=30000",
+            f"s3rver@{VERSION}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if proc.returncode != 0 or not (modules / "s3rver" / "package.json").is_file():
-        raise RuntimeError(f"npm install s3rver@{VERSION} failed (exit {proc.returncode}): {_npm_reason(proc.stderr or proc.stdout)}")
+        raise RuntimeError(
+            f"npm install s3rver@{VERSION} failed (exit {proc.returncode}): {_npm_reason(proc.stderr or proc.stdout)}"
+        )
     return modules
 
 
@@ -70,8 +85,13 @@ def _npm_reason(output: str) -> str:
 class S3rverServer:
     """s3rver on 127.0.0.1 at a free port, storing its buckets in a temporary folder."""
 
-    def __init__(self, *, modules: Path | None = None, directory: str | os.PathLike[str] | None = None,
-                 tls: tuple[Path, Path, Path] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        modules: Path | None = None,
+        directory: str | os.PathLike[str] | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         """``tls``: (certificate, key, CA) PEM files: serve HTTPS with that certificate."""
         self._modules = modules or install()
         self._tls = tls
@@ -86,13 +106,18 @@ class S3rverServer:
             env.update(TESS_TLS_CERT=str(self._tls[0]), TESS_TLS_KEY=str(self._tls[1]))
         # stdin is a pipe we never close until stop(): the server exits when it closes, so a killed
         # test run never leaves a server behind.
-        self._proc = subprocess.Popen(["node", str(MAIN_JS), str(self.directory)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True, env=env)
+        self._proc = subprocess.Popen(
+            ["node", str(MAIN_JS), str(self.directory)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         line = self._proc.stdout.readline() if self._proc.stdout else ""
         if not line.startswith(READY_PREFIX):
             self.stop()
             raise RuntimeError(f"s3rver did not start (printed {line.strip()!r})")
-        self.endpoint = line.strip()[len(READY_PREFIX):]
+        self.endpoint = line.strip()[len(READY_PREFIX) :]
         return self
 
     @property

@@ -8,12 +8,22 @@ import os
 import numpy as np
 import pytest
 
-from cache import BlobStore, BlobWriteError, CacheLayout, load_manifest, read_key_list, write_manifest
+from cache import BlobStore, BodyCheckError, CacheLayout, load_manifest, read_key_list, write_manifest
 from cache.atomic import remove_stale_temp_files, temp_path_for
 from cache.index import KeyIndex
 from cache.manifest import ManifestRecord, latest_manifest, manifest_name, read_manifest_header
 
-ODD_KEYS = ["a b/c d.png", "ünï/çødé_3.png", "../x", "/leading", "new\nline", "back\\slash\\n", "tab\there", "cr\rx", "%2F..%2Fetc"]
+ODD_KEYS = [
+    "a b/c d.png",
+    "ünï/çødé_3.png",
+    "../x",
+    "/leading",
+    "new\nline",
+    "back\\slash\\n",
+    "tab\there",
+    "cr\rx",
+    "%2F..%2Fetc",
+]
 
 
 def test_blob_path_comes_from_content_hash(tmp_path):
@@ -40,7 +50,7 @@ def test_blob_checks_size_and_md5(tmp_path, etag, expected_size, data, fragment)
     store = BlobStore(CacheLayout(root=tmp_path))
     w = store.writer(expected_size=expected_size, etag=etag, label="s3://b/k")
     w.write(data)
-    with pytest.raises(BlobWriteError) as e:
+    with pytest.raises(BodyCheckError) as e:
         w.commit()
     assert fragment in str(e.value) and "s3://b/k" in str(e.value)
     assert list((tmp_path / "objects").rglob("*")) == []
@@ -66,15 +76,25 @@ def _records(keys):
     out = []
     for i, k in enumerate(keys):
         data = f"blob {i}".encode()
-        out.append(ManifestRecord(key=k, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-                                  etag=f'"{hashlib.md5(data).hexdigest()}"', last_modified="2026-01-01T00:00:00+00:00", label=i % 3))
+        out.append(
+            ManifestRecord(
+                key=k,
+                sha256=hashlib.sha256(data).hexdigest(),
+                size=len(data),
+                etag=f'"{hashlib.md5(data).hexdigest()}"',
+                last_modified="2026-01-01T00:00:00+00:00",
+                label=i % 3,
+            )
+        )
     return out
 
 
 def test_manifest_format_and_round_trip(tmp_path):
     layout = CacheLayout(root=tmp_path)
     recs = _records(ODD_KEYS)
-    path = write_manifest(layout, endpoint="http://127.0.0.1:9", bucket="bkt", prefix="p/", records=recs, extra={"classes": ["x"]})
+    path = write_manifest(
+        layout, endpoint="http://127.0.0.1:9", bucket="bkt", prefix="p/", records=recs, extra={"classes": ["x"]}
+    )
     assert path.parent == tmp_path / "manifests" and path.suffix == ".jsonl"
     lines = path.read_bytes().decode("utf-8").split("\n")
     header = json.loads(lines[0])
@@ -99,12 +119,17 @@ def test_manifest_format_and_round_trip(tmp_path):
     ("mutate", "fragment"),
     [
         (lambda lines: lines[:-1], "records but the header says"),
-        (lambda lines: [lines[0]] + [lines[1].replace('"label":0', '"label":7')] + lines[2:], "do not match records_sha256"),
+        (
+            lambda lines: [lines[0]] + [lines[1].replace('"label":0', '"label":7')] + lines[2:],
+            "do not match records_sha256",
+        ),
         (lambda lines: ['{"format": "other/9"}'] + lines[1:], "is not 'tess-manifest/1'"),
     ],
 )
 def test_damaged_manifest_is_refused(tmp_path, mutate, fragment):
-    path = write_manifest(CacheLayout(root=tmp_path), endpoint="e", bucket="b", prefix="p", records=_records(["a_0.png", "b_1.png"]))
+    path = write_manifest(
+        CacheLayout(root=tmp_path), endpoint="e", bucket="b", prefix="p", records=_records(["a_0.png", "b_1.png"])
+    )
     lines = path.read_text("utf-8").splitlines()
     path.write_text("\n".join(mutate(lines)) + "\n", "utf-8")
     with pytest.raises(ValueError) as e:
@@ -141,7 +166,13 @@ def test_cache_package_imports_neither_boto3_nor_torch(tmp_path):
 
     modules = "cache, cache.index, cache.locks, cache.gc, cache.verify, cache.shard, cache.uri, cache.manifest, pipeline.config"
     code = f"import sys, {modules}; print(any(m in sys.modules for m in ('boto3','botocore','torch')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)), check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        check=True,
+    )
     assert out.stdout.strip() == "False"
 
 

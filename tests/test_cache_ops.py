@@ -12,15 +12,19 @@ from cache.blobs import hash_file
 from cache.gc import cache_bytes, cache_stats, enforce_cap
 from cache.manifest import list_manifests
 from cache.verify import verify_cache
-from pipeline.fetch import FetchConfig, fetch
-from pipeline.s3 import StorageError
-from pipeline.server import seed_objects
+from pipeline.fetch.stage import FetchConfig, fetch
+from pipeline.transport.boto import StorageError
+from pipeline.demo.server import seed_objects
 from tests.conftest import png_bytes
 from tests.helpers import run_cli
 
 
 def _fetch(bucket, options, cache_dir, prefix, **kw):
-    return fetch(FetchConfig(prefix=f"s3://{bucket}/{prefix}", options=options, cache_dir=cache_dir, workers=0, progress=False, **kw))
+    return fetch(
+        FetchConfig(
+            prefix=f"s3://{bucket}/{prefix}", options=options, cache_dir=cache_dir, workers=0, progress=False, **kw
+        )
+    )
 
 
 def test_verify_reports_by_key_then_repair_fixes(s3_server, bucket, options, cache_dir):
@@ -38,7 +42,7 @@ def test_verify_reports_by_key_then_repair_fixes(s3_server, bucket, options, cac
         assert f"corrupted: key '{m.keys[3]}'" in proc.stdout and f"missing: key '{m.keys[7]}'" in proc.stdout
         assert "1 missing, 1 corrupted" in proc.stdout and "nothing was changed" in proc.stdout
         assert f"make verify REPAIR=1 CACHE_DIR={cache_dir}" in proc.stderr
-        assert f"python -m pipeline verify --repair --cache-dir {cache_dir}" in proc.stderr
+        assert f"tess verify --repair --cache-dir {cache_dir}" in proc.stderr
         assert layout.blob_path(m.sha_hex(3)).read_bytes() == b"flipped bits"
 
     s3_server.reset_counts()
@@ -62,8 +66,9 @@ def test_repair_refuses_an_object_changed_on_the_server(s3_server, bucket, put, 
     assert f"make fetch PREFIX=s3://{bucket}/c/ ENDPOINT={s3_server.endpoint} CACHE_DIR={cache_dir}" in proc.stderr
 
 
-def test_verify_tells_a_blob_missing_here_from_an_object_deleted_on_the_server(s3_server, s3_client, bucket, put, options,
-                                                                                cache_dir):
+def test_verify_tells_a_blob_missing_here_from_an_object_deleted_on_the_server(
+    s3_server, s3_client, bucket, put, options, cache_dir
+):
     put("d/a_0.png", png_bytes(1))
     put("d/b_1.png", png_bytes(2))
     m = load_manifest(_fetch(bucket, options, cache_dir, "d/").manifest)
@@ -75,7 +80,10 @@ def test_verify_tells_a_blob_missing_here_from_an_object_deleted_on_the_server(s
     plain = run_cli("verify", "--cache-dir", str(cache_dir), "--no-progress")
     assert plain.returncode == 1 and "1 missing, 0 corrupted" in plain.stdout
     assert f"run `make verify REPAIR=1 CACHE_DIR={cache_dir}`" in plain.stderr and "to fetch them again" in plain.stderr
-    assert "an object deleted on the server since the fetch cannot come back that way and needs a new fetch" in plain.stderr
+    assert (
+        "an object deleted on the server since the fetch cannot come back that way and needs a new fetch"
+        in plain.stderr
+    )
     assert fix in plain.stderr
 
     # --repair meets the 404: it says the object was deleted there and names the fetch, not verify --repair again.

@@ -62,7 +62,9 @@ def test_make_clean_cache_refuses_a_foreign_folder(tmp_path):
     target = tmp_path / "precious"
     target.mkdir()
     (target / "data.csv").write_text("1,2,3")
-    proc = subprocess.run(["make", "-s", "clean-cache", f"CACHE_DIR={target}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["make", "-s", "clean-cache", f"CACHE_DIR={target}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode != 0 and "is not a tess cache" in proc.stderr
     assert (target / "data.csv").read_text() == "1,2,3"
 
@@ -74,7 +76,9 @@ def test_clean_cache_removes_a_marked_cache_and_keeps_foreign_entries(tmp_path):
     (root / "README-mine.txt").write_text("a user's note inside the cache folder")
     proc = run_cli("clean-cache", "--cache-dir", str(root))
     assert proc.returncode == 0, proc.stderr
-    assert "removed the tess cache" in proc.stdout and "kept 1 entries" in proc.stdout and "README-mine.txt" in proc.stdout
+    assert (
+        "removed the tess cache" in proc.stdout and "kept 1 entries" in proc.stdout and "README-mine.txt" in proc.stdout
+    )
     assert sorted(os.listdir(root)) == ["README-mine.txt"]
     assert (root / "README-mine.txt").read_text().startswith("a user's note")
 
@@ -97,11 +101,17 @@ def test_clean_cache_refuses_while_the_cache_is_in_use(tmp_path, shared):
     layout = CacheLayout.at(root).create()
     # Another process holds the GC lock, as a fetch, a training run or verify does.
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys; from cache.layout import CacheLayout; from cache.locks import GC_LOCK, cache_lock\n"
-         f"with cache_lock(CacheLayout.at({str(root)!r}), GC_LOCK, shared={shared}):\n"
-         "    print('held', flush=True); sys.stdin.read()"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from cache.layout import CacheLayout; from cache.locks import GC_LOCK, cache_lock\n"
+            f"with cache_lock(CacheLayout.at({str(root)!r}), GC_LOCK, shared={shared}):\n"
+            "    print('held', flush=True); sys.stdin.read()",
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -50,7 +50,7 @@ def test_endpoint_with_credentials_is_refused_without_echoing_them():
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"max_connections": 0}, "max_connections=0 must be between 1 and 1024"),
+        ({"max_in_flight": 0}, "max_in_flight=0 must be between 1 and 1024"),
         ({"retry_mode": "fast"}, "retry_mode='fast' must be one of standard, adaptive, legacy"),
         ({"max_attempts": 0}, "max_attempts=0 must be between 1 and 20"),
         ({"connect_timeout": 0}, "connect_timeout=0 must be > 0"),
@@ -77,7 +77,7 @@ def test_endpoint_resolution_order(monkeypatch):
 def test_client_options_are_frozen_and_hashable():
     o = ClientOptions(endpoint="http://127.0.0.1:9000")
     with pytest.raises(AttributeError):
-        o.max_connections = 3  # type: ignore[misc]
+        o.max_in_flight = 3  # type: ignore[misc]
     assert hash(o) == hash(ClientOptions(endpoint="http://127.0.0.1:9000/"))
 
 
@@ -113,24 +113,56 @@ def test_train_vae_flags_take_their_defaults_from_train_config():
     assert flag_defaults == {f.name: ",".join(f.default) if isinstance(f.default, tuple) else f.default for f in fields}
     assert TrainConfig(**flag_defaults) == TrainConfig()
     # Parsed values reach the config by name, with their types.
-    argv = ["-e", "3", "-b", "8", "--lr", "0.01", "--threads", "2", "--no-progress", "--amp", "--pack", "off",
-            "--extensions", "PNG,.jpg"]
+    argv = [
+        "-e",
+        "3",
+        "-b",
+        "8",
+        "--lr",
+        "0.01",
+        "--threads",
+        "2",
+        "--no-progress",
+        "--amp",
+        "--pack",
+        "off",
+        "--extensions",
+        "PNG,.jpg",
+    ]
     args = parser.parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields})
     assert (config.epochs, config.batch, config.lr, config.threads, config.progress, config.amp, config.pack) == (
-        3, 8, 0.01, 2, False, True, "off")
+        3,
+        8,
+        0.01,
+        2,
+        False,
+        True,
+        "off",
+    )
     assert config.extensions == (".png", ".jpg")
     assert "(default 16)" in " ".join(parser.format_help().split())
 
 
 def test_fetch_flags_have_the_defaults_of_fetch_config_and_client_options():
     from pipeline.cli import build_parser
-    from pipeline.fetch import FetchConfig
+    from pipeline.fetch.stage import FetchConfig
 
     args = build_parser().parse_args(["fetch", "s3://bkt/p/"])
     f = FetchConfig(prefix="s3://bkt/p/")
     assert (args.workers, args.clients, args.batch, args.limit, args.verify, args.cache_dir) == (
-        f.workers, f.clients, f.batch, f.limit, f.verify, f.cache_dir)
+        f.workers,
+        f.clients,
+        f.batch,
+        f.limit,
+        f.verify,
+        f.cache_dir,
+    )
     d = ClientOptions()
-    assert (args.max_connections, args.retry_mode, args.max_attempts, args.connect_timeout, args.read_timeout) == (
-        d.max_connections, d.retry_mode, d.max_attempts, d.connect_timeout, d.read_timeout)
+    assert (args.max_in_flight, args.retry_mode, args.max_attempts, args.connect_timeout, args.read_timeout) == (
+        d.max_in_flight,
+        d.retry_mode,
+        d.max_attempts,
+        d.connect_timeout,
+        d.read_timeout,
+    )

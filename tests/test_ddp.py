@@ -1,7 +1,7 @@
 """DDP training as users launch it: ``torchrun --standalone --nproc_per_node=2 train_vae.py`` on CPU (gloo).
 
 How "identical parameters on both ranks" is checked: at the end of training every rank hashes its
-model's state dict (:func:`pipeline.distributed.state_digest`), the digests are all-gathered and rank 0
+model's state dict (:func:`pipeline.train.distributed.state_digest`), the digests are all-gathered and rank 0
 writes them to ``summary.json`` as ``param_sha256_by_rank``; the test compares rank 1's digest with
 the digest of the model in rank 0's ``checkpoint.pt``, which the test recomputes itself. No test-only
 switch is involved: the same check runs (and is reported) in every DDP run.
@@ -27,13 +27,13 @@ import torch
 
 from cache import BlobStore, CacheLayout, load_manifest, write_manifest
 from cache.manifest import ManifestRecord
-from pipeline.demo import demo_items
-from pipeline.model import VAE, VAEConfig
+from pipeline.demo.demo_set import demo_items
+from pipeline.train.model import VAE, VAEConfig
 from cache.shard import ShardSpec, in_shard
-from pipeline.batches import EpochBatchSampler
+from pipeline.data.batches import EpochBatchSampler
 from pipeline.config import TrainConfig
-from pipeline.distributed import DistState, RankPlan, RankShare, check_shard_cover, plan_ranks, state_digest
-from pipeline.sources import DataSource, cache_layout, find_manifest
+from pipeline.train.distributed import DistState, RankPlan, RankShare, check_shard_cover, plan_ranks, state_digest
+from pipeline.train.sources import DataSource, cache_layout, find_manifest
 from tests.helpers import ROOT
 
 DEADLINE_S = 240  # generous for a loaded 2-core machine; a hang is the only way to reach it
@@ -48,8 +48,14 @@ def make_cache(root: Path, n: int, *, shard: ShardSpec | None = None, prefix: st
             continue
         sha, _ = store.put_bytes(data)
         recs.append(ManifestRecord(key=key, sha256=sha, size=len(data), etag="", last_modified="", label=int(key[-5])))
-    return write_manifest(CacheLayout(root=root), endpoint="test", bucket="demo", prefix=prefix, records=recs,
-                          extra={"shard": str(shard)} if shard else None)
+    return write_manifest(
+        CacheLayout(root=root),
+        endpoint="test",
+        bucket="demo",
+        prefix=prefix,
+        records=recs,
+        extra={"shard": str(shard)} if shard else None,
+    )
 
 
 def _children(pid: int) -> list[int]:
@@ -69,8 +75,9 @@ sys.exit(train_vae.main([*sys.argv[1:], "--cache-dir", caches[int(os.environ["RA
 """
 
 
-def torchrun(*args: str, nproc: int = 2, node_caches: list[Path] | None = None,
-             tmp_path: Path | None = None) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    *args: str, nproc: int = 2, node_caches: list[Path] | None = None, tmp_path: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """``python -m torch.distributed.run --standalone --nproc_per_node=N train_vae.py ARGS`` with a deadline.
 
     With ``node_caches``, each rank gets its own cache folder (see ``NODE_LAUNCHER``).
@@ -81,8 +88,16 @@ def torchrun(*args: str, nproc: int = 2, node_caches: list[Path] | None = None,
         script = str(tmp_path / "node_launcher.py")
         Path(script).write_text(NODE_LAUNCHER)
         extra_env["TEST_NODE_CACHES"] = os.pathsep.join(map(str, node_caches))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
-           "--no-progress", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        script,
+        "--no-progress",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra_env}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -136,7 +151,16 @@ def test_two_ranks_train_to_identical_parameters(tmp_path):
     assert [r["loss"] for r in r0] != [r["loss"] for r in r1]
     # Only rank 0 writes the checkpoint, pictures and summary, and prints the report.
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["checkpoint.pt", "loss.png", "metrics.csv", "metrics.rank1.csv", "reconstructions.png", "samples.png", "summary.json"])
+        [
+            "checkpoint.pt",
+            "loss.png",
+            "metrics.csv",
+            "metrics.rank1.csv",
+            "reconstructions.png",
+            "samples.png",
+            "summary.json",
+        ]
+    )
     assert proc.stdout.count("trained on ") == 1 and "parameters identical on all ranks" in proc.stdout
 
 
@@ -144,7 +168,9 @@ def test_node_local_shards_each_rank_samples_its_own(tmp_path):
     # Two "nodes" with node-local caches; the rendezvous numbered them the other way round (rank 0 on
     # the node that fetched shard 1/2), as torchrun's c10d rendezvous may.
     node0, node1, out = tmp_path / "node0", tmp_path / "node1", tmp_path / "out"
-    sizes = [len(make_cache(c, 60, shard=ShardSpec(k, 2)).read_text().splitlines()) - 1 for k, c in enumerate((node0, node1))]
+    sizes = [
+        len(make_cache(c, 60, shard=ShardSpec(k, 2)).read_text().splitlines()) - 1 for k, c in enumerate((node0, node1))
+    ]
     assert sizes[0] != sizes[1] and sum(sizes) == 60  # uneven shards: the case that would hang without padding
     proc = torchrun("-e", "2", "-b", "8", "--out", str(out), node_caches=[node1, node0], tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -175,8 +201,9 @@ def test_skipped_bad_samples_leave_ranks_uneven_without_hanging(tmp_path):
     m = load_manifest(make_cache(cache, 24))
     for i in (1, 2, 3, 5, 8):  # undecodable blobs: with -b 1 each is a whole batch a rank must skip
         CacheLayout(root=cache).blob_path(m.sha_hex(i)).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    proc = torchrun("-e", "1", "-b", "1", "--pack", "off", "--on-bad-sample", "skip", "--cache-dir", str(cache),
-                    "--out", str(out))
+    proc = torchrun(
+        "-e", "1", "-b", "1", "--pack", "off", "--on-bad-sample", "skip", "--cache-dir", str(cache), "--out", str(out)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bad_samples_skipped"] == 5 and summary["images"] == 19 and summary["params_identical"]
@@ -189,22 +216,31 @@ def test_rank_picks_its_shard_from_a_shared_cache(tmp_path):
         make_cache(cache, 20, shard=ShardSpec(k, 2))
     cfg = TrainConfig(cache_dir=str(cache), out=str(tmp_path / "o"))
     layout = cache_layout(cfg)
-    pick = {r: load_manifest(find_manifest(cfg, layout, DistState(rank=r, world=2, local_world=2))).header.shard for r in (0, 1)}
+    pick = {
+        r: load_manifest(find_manifest(cfg, layout, DistState(rank=r, world=2, local_world=2))).header.shard
+        for r in (0, 1)
+    }
     assert pick == {0: ShardSpec(0, 2), 1: ShardSpec(1, 2)}
     # Four ranks on two nodes: shard k/2 belongs to ranks 2k and 2k+1.
-    assert load_manifest(find_manifest(cfg, layout, DistState(rank=3, world=4, local_rank=1, local_world=2))).header.shard == ShardSpec(1, 2)
+    assert load_manifest(
+        find_manifest(cfg, layout, DistState(rank=3, world=4, local_rank=1, local_world=2))
+    ).header.shard == ShardSpec(1, 2)
     # Shards of another count and none of them this rank's: say which fetch to run.
     other = tmp_path / "other"
     for k in range(2):
         make_cache(other, 20, shard=ShardSpec(k, 3))
     other_cfg = TrainConfig(cache_dir=str(other), out=str(tmp_path / "o"))
     with pytest.raises(FileNotFoundError) as e:
-        find_manifest(other_cfg, cache_layout(other_cfg), DistState(rank=1, world=2, local_world=1))  # two nodes: one shard per node
+        find_manifest(
+            other_cfg, cache_layout(other_cfg), DistState(rank=1, world=2, local_world=1)
+        )  # two nodes: one shard per node
     assert "holds shards 0/3, 1/3 of s3://demo/shapes/, none for rank 1 of 2" in str(e.value)
     assert f"run `make fetch PREFIX=s3://demo/shapes/ SHARD=1/2 CACHE_DIR={other}` (or " in str(e.value)
     assert str(e.value).endswith("--shard 1/2 --cache-dir " + str(other) + "`) on this node or pass --manifest")
     with pytest.raises(FileNotFoundError) as e:
-        find_manifest(other_cfg, cache_layout(other_cfg), DistState(rank=1, world=2, local_world=2))  # one node: fetch it whole
+        find_manifest(
+            other_cfg, cache_layout(other_cfg), DistState(rank=1, world=2, local_world=2)
+        )  # one node: fetch it whole
     assert f"run `make fetch PREFIX=s3://demo/shapes/ CACHE_DIR={other}` (or " in str(e.value)
     assert "(the full prefix)" in str(e.value) and "SHARD=" not in str(e.value)
     # A full manifest, when present, wins: every rank samples it through DistributedSampler.
@@ -218,9 +254,11 @@ def test_shard_cover_check_names_the_missing_shard():
 
     with pytest.raises(ValueError) as e:
         check_shard_cover(shares(ShardSpec(0, 3), ShardSpec(2, 3), ShardSpec(0, 3), uri="s3://b/p/"))
-    assert str(e.value) == ("no rank holds shard 1/3 of s3://b/p/ (0/3 on rank(s) 0, 2; 2/3 on rank(s) 1); "
-                            "run `make fetch PREFIX=s3://b/p/ SHARD=1/3` (or `python -m pipeline fetch s3://b/p/ --shard 1/3`) "
-                            "on the node that lacks it")
+    assert str(e.value) == (
+        "no rank holds shard 1/3 of s3://b/p/ (0/3 on rank(s) 0, 2; 2/3 on rank(s) 1); "
+        "run `make fetch PREFIX=s3://b/p/ SHARD=1/3` (or `tess fetch s3://b/p/ --shard 1/3`) "
+        "on the node that lacks it"
+    )
     with pytest.raises(ValueError, match="different counts"):
         check_shard_cover(shares(ShardSpec(0, 2), ShardSpec(1, 3)))
     check_shard_cover(shares(ShardSpec(1, 2), ShardSpec(0, 2)))  # complete: no error

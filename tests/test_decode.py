@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import UndecodableImage, decode_rgb
+from pipeline.data.datasets import UndecodableImage, decode_rgb
 
 
 def _png() -> bytes:

@@ -1,4 +1,4 @@
-"""Tests for the deterministic demo image set (pipeline.demo)."""
+"""Tests for the deterministic demo image set (pipeline.demo.demo_set)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.demo import (
+from pipeline.demo.demo_set import (
     CLASS_NAMES,
     DEMO_BUCKET,
     DEMO_PREFIX,

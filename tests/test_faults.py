@@ -19,18 +19,26 @@ import torch
 from cache import CacheLayout, load_manifest
 from cache.blobs import hash_file
 from pipeline.config import ClientOptions
-from pipeline.datasets import DSSDataset, decode_rgb
-from pipeline.fetch import EXIT_INCOMPLETE, FetchConfig, fetch
+from pipeline.data.datasets import DSSDataset, decode_rgb
+from pipeline.fetch.stage import EXIT_INCOMPLETE, FetchConfig, fetch
 from cache.blobs import BlobStore
-from pipeline.mirror import FailureKind, GetFailure, Mirror, MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef
-from pipeline.mirror_loop import mirror_all
+from pipeline.fetch.mirror import FailureKind, GetFailure, Mirror, MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef
+from pipeline.fetch.mirror_loop import mirror_all
 from pipeline.transport.client import WholeBody
-from pipeline.server import seed_objects
+from pipeline.demo.server import seed_objects
 from tests.conftest import png_bytes
 from tests.faultproxy import SCHEDULED_KINDS, FaultProxy
 
 # About 15.5% of targeted requests fail; stalls cost a read timeout each, so they are rarer.
-RATES = {"500": 0.03, "503": 0.03, "reset": 0.03, "stall": 0.0075, "stall_body": 0.0075, "truncate": 0.03, "corrupt": 0.02}
+RATES = {
+    "500": 0.03,
+    "503": 0.03,
+    "reset": 0.03,
+    "stall": 0.0075,
+    "stall_body": 0.0075,
+    "truncate": 0.03,
+    "corrupt": 0.02,
+}
 
 
 def _options(proxy: FaultProxy, **kw) -> ClientOptions:
@@ -52,13 +60,23 @@ def test_fetch_of_2000_objects_survives_faults_and_counts_retries(s3_server, tmp
     cache_dir = tmp_path / "cache"
     t0 = time.monotonic()
     with FaultProxy(s3_server.endpoint, seed=7, rates=RATES) as proxy:
-        result = fetch(FetchConfig(prefix=f"s3://{bucket}/f/", options=_options(proxy, max_connections=32),
-                                   cache_dir=cache_dir, workers=2, batch=200, progress=False))
+        result = fetch(
+            FetchConfig(
+                prefix=f"s3://{bucket}/f/",
+                options=_options(proxy, max_in_flight=32),
+                cache_dir=cache_dir,
+                workers=2,
+                batch=200,
+                progress=False,
+            )
+        )
     wall = time.monotonic() - t0
     s = result.summary
     gets, get_faults = proxy.requests_of_kind("GET"), proxy.faults_on("GET")
-    print(f"\n{proxy.requests} requests ({gets} GET, {proxy.requests_of_kind('LIST')} LIST), "
-          f"{proxy.fault_total} faults {dict(proxy.faults)}, {s.retries} retries counted, {wall:.1f} s")
+    print(
+        f"\n{proxy.requests} requests ({gets} GET, {proxy.requests_of_kind('LIST')} LIST), "
+        f"{proxy.fault_total} faults {dict(proxy.faults)}, {s.retries} retries counted, {wall:.1f} s"
+    )
 
     assert result.exit_code == 0, s.errors[:5]
     assert s.fetched == n and s.failed == 0 and s.missing == 0
@@ -72,8 +90,11 @@ def test_fetch_of_2000_objects_survives_faults_and_counts_retries(s3_server, tmp
     assert load_manifest(result.manifest).header.extra["fetch"]["retries"] == s.retries
     # Object by object, the requests the proxy saw are the attempts the record counts (a request sent
     # again on a fresh connection after a stale kept-alive one included).
-    miscounted = [(r.key, proxy.requests_for(bucket, r.key), r.attempts) for r in result.records
-                  if proxy.requests_for(bucket, r.key) != r.attempts]
+    miscounted = [
+        (r.key, proxy.requests_for(bucket, r.key), r.attempts)
+        for r in result.records
+        if proxy.requests_for(bucket, r.key) != r.attempts
+    ]
     assert miscounted == [], miscounted[:5]
 
     m = load_manifest(result.manifest)
@@ -109,17 +130,24 @@ def test_permanent_errors_are_not_retried(s3_server, tmp_path, kind):
     victim = sorted(objects)[10]
     cache_dir = tmp_path / "cache"
     # Transient faults elsewhere, to show that only the permanent one goes unretried.
-    with FaultProxy(s3_server.endpoint, seed=11, rates={"500": 0.1, "503": 0.1, "truncate": 0.1},
-                    always={f"/{bucket}/{victim}": kind}) as proxy:
-        config = FetchConfig(prefix=f"s3://{bucket}/p/", options=_options(proxy), cache_dir=cache_dir,
-                             workers=2, batch=4, progress=False)
+    with FaultProxy(
+        s3_server.endpoint,
+        seed=11,
+        rates={"500": 0.1, "503": 0.1, "truncate": 0.1},
+        always={f"/{bucket}/{victim}": kind},
+    ) as proxy:
+        config = FetchConfig(
+            prefix=f"s3://{bucket}/p/", options=_options(proxy), cache_dir=cache_dir, workers=2, batch=4, progress=False
+        )
         result = fetch(config)
         # A denial of one object (a bucket policy) fails that object, not the fetch.
         assert result.exit_code == EXIT_INCOMPLETE
         assert result.summary.fetched == len(objects) - 1
         assert (result.summary.missing, result.summary.failed) == ((1, 0) if kind == "404" else (0, 1))
         assert len(result.summary.errors) == 1 and victim in result.summary.errors[0]
-        assert ("deleted since the listing" if kind == "404" else "access denied (AccessDenied)") in result.summary.errors[0]
+        assert (
+            "deleted since the listing" if kind == "404" else "access denied (AccessDenied)"
+        ) in result.summary.errors[0]
         assert victim not in list(load_manifest(result.manifest).keys)
         assert proxy.requests_for(bucket, victim) == 1
         assert proxy.faults[kind] == 1

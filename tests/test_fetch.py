@@ -13,13 +13,14 @@ from torch.utils.data import DataLoader
 
 from cache import CacheLayout, load_manifest, read_key_list
 from cache.blobs import hash_file
-from pipeline.datasets import DSSDataset
-from pipeline.mirror import MirrorStatus
-from pipeline.fetch import FetchConfig, _keep_list, fetch
-from pipeline.labels import assign_labels, label_from_name
-from pipeline.transport.listing import list_objects
-from pipeline.server import seed_objects
 from pipeline.config import S3Uri
+from pipeline.data.datasets import DSSDataset
+from pipeline.demo.server import seed_objects
+from pipeline.fetch.labels import assign_labels, label_from_name
+from pipeline.fetch.mirror import MirrorStatus
+from pipeline.fetch.stage import FetchConfig, fetch
+from pipeline.fetch.worker_dataset import _keep_list
+from pipeline.transport.listing import list_objects
 from tests.conftest import png_bytes
 
 
@@ -183,7 +184,11 @@ def test_load2memory_returns_decoded_tensors_with_labels(put, bucket, options):
     for i in range(12):
         key = f"mem/img-{i:03d}_{i % 4}.png"
         put(key, png_bytes(i, size=8))
-        images[key] = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(__import__("io").BytesIO(png_bytes(i, size=8))).convert("RGB"))
+        images[key] = np.asarray(
+            __import__("PIL.Image", fromlist=["Image"])
+            .open(__import__("io").BytesIO(png_bytes(i, size=8)))
+            .convert("RGB")
+        )
     ds = DSSDataset(f"s3://{bucket}/mem/", options=options, client_num=2, image_size=None)
     x, y = ds[5]
     assert x.dtype == torch.float32 and x.shape == (3, 8, 8) and y == 5 % 4
@@ -200,7 +205,7 @@ def test_load2memory_returns_decoded_tensors_with_labels(put, bucket, options):
 def test_dataset_pickles_without_clients_and_spawn_workers_fetch(put, bucket, options, cache_dir):
     import pickle
 
-    from pipeline.s3 import get_client
+    from pipeline.transport.boto import get_client
 
     for i in range(8):
         put(f"sp/k{i}_1.png", png_bytes(i))

@@ -11,8 +11,8 @@ import pytest
 
 from cache import CacheLayout, load_manifest
 from cache.blobs import hash_file
-from pipeline.fetch import EXIT_INCOMPLETE, FetchConfig, fetch
-from pipeline.server import seed_objects
+from pipeline.fetch.stage import EXIT_INCOMPLETE, FetchConfig, fetch
+from pipeline.demo.server import seed_objects
 from pipeline.transport.listing import Lister
 from tests.conftest import png_bytes
 from tests.helpers import closed_port, kill_when_blobs, run_cli, server_process
@@ -26,8 +26,13 @@ def precious(cache_dir):
     from cache import write_manifest
     from cache.manifest import ManifestRecord
 
-    m = write_manifest(CacheLayout(root=cache_dir), endpoint="e", bucket="keep", prefix="p/",
-                       records=[ManifestRecord(key="p/k", sha256=sha, size=14, etag="", last_modified="")])
+    m = write_manifest(
+        CacheLayout(root=cache_dir),
+        endpoint="e",
+        bucket="keep",
+        prefix="p/",
+        records=[ManifestRecord(key="p/k", sha256=sha, size=14, etag="", last_modified="")],
+    )
     before = m.read_bytes()
     yield
     assert store.verify(sha) and m.read_bytes() == before
@@ -45,7 +50,15 @@ def _one_line_error(proc, fragment):
 
 def test_unreachable_endpoint_gives_up_quickly(precious, cache_dir):
     t0 = time.monotonic()
-    proc = run_cli("fetch", "s3://bkt/p/", "--endpoint", f"http://127.0.0.1:{closed_port()}", "--cache-dir", str(cache_dir), "--no-progress")
+    proc = run_cli(
+        "fetch",
+        "s3://bkt/p/",
+        "--endpoint",
+        f"http://127.0.0.1:{closed_port()}",
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+    )
     assert time.monotonic() - t0 < 30
     _one_line_error(proc, "cannot reach the S3 endpoint http://127.0.0.1:")
 
@@ -57,8 +70,19 @@ def test_silent_endpoint_gives_up_after_bounded_retries(precious, cache_dir):
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
         t0 = time.monotonic()
-        proc = run_cli("fetch", "s3://bkt/p/", "--endpoint", f"http://127.0.0.1:{silent.getsockname()[1]}",
-                       "--read-timeout", "2", "--max-attempts", "3", "--cache-dir", str(cache_dir), "--no-progress")
+        proc = run_cli(
+            "fetch",
+            "s3://bkt/p/",
+            "--endpoint",
+            f"http://127.0.0.1:{silent.getsockname()[1]}",
+            "--read-timeout",
+            "2",
+            "--max-attempts",
+            "3",
+            "--cache-dir",
+            str(cache_dir),
+            "--no-progress",
+        )
         elapsed = time.monotonic() - t0
     # 3 attempts x 2 s, botocore's jittered backoff (at most 1 + 2 s), and process start-up.
     assert elapsed < 3 * 2 + 3 + 10, elapsed
@@ -82,7 +106,15 @@ def test_wrong_credentials_are_a_clear_403(precious, cache_dir):
 )
 def test_bad_prefix(precious, s3_server, bucket, put, cache_dir, prefix, fragment):
     put("p/a_1.png", png_bytes(1))
-    proc = run_cli("fetch", prefix.format(bucket=bucket), "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress")
+    proc = run_cli(
+        "fetch",
+        prefix.format(bucket=bucket),
+        "--endpoint",
+        s3_server.endpoint,
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+    )
     _one_line_error(proc, fragment)
 
 
@@ -106,7 +138,9 @@ def test_object_deleted_between_list_and_get(monkeypatch, s3_client, bucket, put
         return page
 
     monkeypatch.setattr(Lister, "next_page", list_then_delete)
-    r = fetch(FetchConfig(prefix=f"s3://{bucket}/del/", options=options, cache_dir=cache_dir, workers=0, progress=False))
+    r = fetch(
+        FetchConfig(prefix=f"s3://{bucket}/del/", options=options, cache_dir=cache_dir, workers=0, progress=False)
+    )
     assert r.exit_code == EXIT_INCOMPLETE and r.summary.missing == 1 and r.summary.fetched == 5
     assert "del/k3_0.png" in r.summary.errors[0] and "deleted since the listing" in r.summary.errors[0]
     m = load_manifest(r.manifest)
@@ -127,7 +161,17 @@ def tiny_disk(tmp_path):
 def test_disk_full_fails_cleanly(tiny_disk, s3_server, bucket, options):
     seed_objects(bucket, ((f"big/k{i}_0.bin", os.urandom(150_000)) for i in range(12)))
     cache_dir = tiny_disk / "cache"
-    proc = run_cli("fetch", f"s3://{bucket}/big/", "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress", "-w", "0")
+    proc = run_cli(
+        "fetch",
+        f"s3://{bucket}/big/",
+        "--endpoint",
+        s3_server.endpoint,
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+        "-w",
+        "0",
+    )
     _one_line_error(proc, "free space or pass --cache-dir")
     assert list((cache_dir / "tmp").iterdir()) == []
     for blob in (cache_dir / "objects").rglob("*"):
@@ -138,8 +182,22 @@ def test_disk_full_fails_cleanly(tiny_disk, s3_server, bucket, options):
 def test_fetch_killed_mid_run_then_rerun_completes(s3_server, bucket, cache_dir):
     n = 1500
     seed_objects(bucket, ((f"kill/img-{i:05d}_{i % 10}.png", png_bytes(i, size=24)) for i in range(n)))
-    cmd = [sys.executable, "-m", "pipeline", "fetch", f"s3://{bucket}/kill/", "--endpoint", s3_server.endpoint,
-           "--cache-dir", str(cache_dir), "--no-progress", "-w", "2", "-b", "16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "fetch",
+        f"s3://{bucket}/kill/",
+        "--endpoint",
+        s3_server.endpoint,
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+        "-w",
+        "2",
+        "-b",
+        "16",
+    ]
     objects = cache_dir / "objects"
     # Kill it without warning once it is visibly under way (blobs appearing).
     kill_when_blobs(cmd, cache_dir, 100)
@@ -147,7 +205,15 @@ def test_fetch_killed_mid_run_then_rerun_completes(s3_server, bucket, cache_dir)
     assert 0 < len(blobs) < n
     assert all(hash_file(p) == p.name for p in blobs), "a partial blob was left under objects/"
     assert not list((cache_dir / "manifests").glob("*.jsonl")), "a manifest was written by a killed fetch"
-    rerun = run_cli("fetch", f"s3://{bucket}/kill/", "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress")
+    rerun = run_cli(
+        "fetch",
+        f"s3://{bucket}/kill/",
+        "--endpoint",
+        s3_server.endpoint,
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+    )
     assert rerun.returncode == 0, rerun.stderr
     manifest = next((cache_dir / "manifests").glob("*.jsonl"))
     m = load_manifest(manifest)

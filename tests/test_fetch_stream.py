@@ -9,8 +9,8 @@ import pytest
 
 from cache import load_manifest
 from cache.shard import ShardSpec
-from pipeline.fetch import FetchConfig, fetch
-from pipeline.mirror import Mirror, MirrorStatus
+from pipeline.fetch.stage import FetchConfig, fetch
+from pipeline.fetch.mirror import Mirror, MirrorStatus
 from pipeline.transport.listing import Lister
 from tests.conftest import png_bytes
 
@@ -23,7 +23,9 @@ def small_pages(monkeypatch):
 
 
 def _config(bucket, options, cache_dir, prefix, **kw):
-    return FetchConfig(prefix=f"s3://{bucket}/{prefix}", options=options, cache_dir=cache_dir, workers=0, progress=False, **kw)
+    return FetchConfig(
+        prefix=f"s3://{bucket}/{prefix}", options=options, cache_dir=cache_dir, workers=0, progress=False, **kw
+    )
 
 
 def test_page_one_is_fetched_before_page_two_is_listed(monkeypatch, small_pages, put, bucket, options, cache_dir):
@@ -103,7 +105,9 @@ def test_cached_objects_of_later_pages_make_no_get(monkeypatch, small_pages, put
     assert all(rec.status in (MirrorStatus.CACHED, MirrorStatus.FETCHED) for rec in r.records)
 
 
-def test_a_listing_failure_on_a_later_page_keeps_what_was_fetched(monkeypatch, small_pages, put, bucket, options, cache_dir):
+def test_a_listing_failure_on_a_later_page_keeps_what_was_fetched(
+    monkeypatch, small_pages, put, bucket, options, cache_dir
+):
     from pipeline.transport.errors import StorageError
 
     for i in range(3 * PAGE):

@@ -3,7 +3,7 @@
 ``tests/hostile_server.py`` is the server (raw sockets, 127.0.0.1), ``tests/hostile_cases.py`` says how
 each case's GETs misbehave; this module owns what tess must make of each case (:data:`EXPECT`, one
 row per case) and the checks that apply to every case. Each case is fetched as a user would:
-``python -m pipeline fetch s3://hostile/<case>/`` in a child process with fake credentials, a short
+``tess fetch s3://hostile/<case>/`` in a child process with fake credentials, a short
 read timeout and two attempts (``TESS_ENGINE``, when set, is passed through, so any engine can be
 put through the same cases). For every case:
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.mirror_types import MirrorSettings
+from pipeline.fetch.mirror_types import MirrorSettings
 from tests.hostile_cases import CASES, REDIRECT_TARGETS, SELFTEST_KEYS, SLOW_STEADY_SIZE, STEADY_RATE, build_server
 from tests.hostile_server import BUCKET, HostileServer
 from tests.helpers import ROOT
@@ -63,7 +63,7 @@ class Expect:
     its kept-alive connection, and no attempt fails).
     max_gets: GETs each failed key may receive (403/404 are not retried). extra_s: seconds the case
     needs beyond the general bound (a body slow by design). never: keys that must get no request.
-    flags: extra fetch flags. The connection cases pass a ``--max-connections`` below their object
+    flags: extra fetch flags. The connection cases pass a ``--max-in-flight`` below their object
     count: with the default of 128 every object of a small case gets a connection of its own, and no
     connection would ever be reused, which is what these cases are about.
     """
@@ -81,9 +81,9 @@ class Expect:
 RIGHT, FAILED = Expect(0, ALL), Expect(3, NONE)
 EXPECT: dict[str, Expect] = {
     "interim": RIGHT,  # 100 Continue / 102 Processing / 103 Early Hints before the real 200
-    "garbage": Expect(0, ALL, flags=("--max-connections", "2")),  # a right answer, then junk on the connection
+    "garbage": Expect(0, ALL, flags=("--max-in-flight", "2")),  # a right answer, then junk on the connection
     # A right answer, then a second complete 200 with another key's bytes and ETag (same size).
-    "double": Expect(0, ALL, flags=("--max-connections", "2")),
+    "double": Expect(0, ALL, flags=("--max-in-flight", "2")),
     "chunked-ok": RIGHT,
     "chunked-long": FAILED,  # up to 2 GiB of chunks for a few KB object
     "chunked-cut": FAILED,  # clean close at a chunk boundary, no 0-chunk; ETag "<md5>-2"
@@ -102,7 +102,7 @@ EXPECT: dict[str, Expect] = {
     # 300 KB at 64 KiB/s: longer than the read timeout, never silent for long.
     "slow-steady": Expect(0, ALL, extra_s=SLOW_STEADY_SIZE / STEADY_RATE),
     # 40 objects over 4 connections: a stale kept-alive connection is retried once, fresh, not counted.
-    "close-each": Expect(0, ALL, max_retries=40, flags=("--max-connections", "4")),
+    "close-each": Expect(0, ALL, max_retries=40, flags=("--max-in-flight", "4")),
     "reset-once": RIGHT,
     "reset-always": FAILED,
     "gzip-fly": FAILED,  # tess never decodes: the body must match the listing
@@ -139,8 +139,13 @@ class Run:
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARS and not k.startswith("AWS_")}
-    env.update(AWS_ACCESS_KEY_ID="hostile-access-key", AWS_SECRET_ACCESS_KEY="hostile-secret-key",
-               AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    env.update(
+        AWS_ACCESS_KEY_ID="hostile-access-key",
+        AWS_SECRET_ACCESS_KEY="hostile-secret-key",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+    )
     return env
 
 
@@ -160,9 +165,23 @@ def run_fetch(server: HostileServer, case: str, cache_dir: Path, hard_s: float, 
     program since its exec, sampled every 20 ms). Not ``wait4``'s ``ru_maxrss``: Linux folds the forking
     parent's RSS into it (the copy the child had before its exec), so under a pytest that has imported
     torch every child would read ~700 MB."""
-    cmd = [sys.executable, "-m", "pipeline", "fetch", f"s3://{BUCKET}/{case}/", "--endpoint", server.endpoint,
-           "--cache-dir", str(cache_dir), "--no-progress", "--read-timeout", str(READ_TIMEOUT),
-           "--max-attempts", str(MAX_ATTEMPTS), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "fetch",
+        f"s3://{BUCKET}/{case}/",
+        "--endpoint",
+        server.endpoint,
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+        "--read-timeout",
+        str(READ_TIMEOUT),
+        "--max-attempts",
+        str(MAX_ATTEMPTS),
+        *flags,
+    ]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=err)
@@ -176,15 +195,23 @@ def run_fetch(server: HostileServer, case: str, cache_dir: Path, hard_s: float, 
             if killed is None:
                 rss, elapsed = _status_bytes(proc.pid, "VmRSS:"), time.monotonic() - t0
                 if rss > RSS_KILL_BYTES or elapsed > hard_s:
-                    killed = f"RSS {rss / 1e6:.0f} MB" if rss > RSS_KILL_BYTES else f"still running after {elapsed:.0f} s"
+                    killed = (
+                        f"RSS {rss / 1e6:.0f} MB" if rss > RSS_KILL_BYTES else f"still running after {elapsed:.0f} s"
+                    )
                     os.kill(proc.pid, signal.SIGKILL)
             time.sleep(0.02)
         wall = time.monotonic() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return Run(proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"), wall,
-                   peak, killed)
+        return Run(
+            proc.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+            wall,
+            peak,
+            killed,
+        )
 
 
 def manifest_records(cache_dir: Path) -> dict[str, str] | None:
@@ -206,7 +233,9 @@ def check_keys(server: HostileServer, case: str, exp: Expect, run: Run, records:
         named = [line for line in lines if f"s3://{BUCKET}/{obj.key}" in line]
         if records is not None and obj.key in records:
             if records[obj.key] != obj.sha256:
-                problems.append(f"{obj.key}: WRONG BYTES in the manifest (sha256 {records[obj.key][:12]}, true {obj.sha256[:12]})")
+                problems.append(
+                    f"{obj.key}: WRONG BYTES in the manifest (sha256 {records[obj.key][:12]}, true {obj.sha256[:12]})"
+                )
             elif not should:
                 problems.append(f"{obj.key}: fetched (right bytes), expected to fail")
             continue
@@ -253,10 +282,16 @@ def check_run(server: HostileServer, case: str, exp: Expect, run: Run, cache_dir
     if exp.max_retries is not None:
         m = re.search(r"; (\d+) retries;", run.stdout)
         if not m or int(m.group(1)) > exp.max_retries:
-            problems.append(f"summary retries {m.group(1) if m else '(no summary line)'}, expected <= {exp.max_retries}")
+            problems.append(
+                f"summary retries {m.group(1) if m else '(no summary line)'}, expected <= {exp.max_retries}"
+            )
     if exp.exit == 2:
         lines = [line for line in run.stderr.splitlines() if line.strip()]
-        if len(lines) != 1 or not lines[0].startswith("tess: error:") or not re.search(exp.reason or "", lines[0], re.I):
+        if (
+            len(lines) != 1
+            or not lines[0].startswith("tess: error:")
+            or not re.search(exp.reason or "", lines[0], re.I)
+        ):
             problems.append(f"expected one 'tess: error:' line matching /{exp.reason}/, got {len(lines)}: {lines[:3]}")
         if records:
             problems.append(f"a manifest with {len(records)} records after a denial of everything")
@@ -290,8 +325,10 @@ def test_hostile_case(hostile, tmp_path, case):
     run = run_fetch(hostile, case, cache_dir, hard_s=wall_bound(exp) + HARD_EXTRA_S, flags=exp.flags)
     problems = check_run(hostile, case, exp, run, cache_dir)
     gets = {o.key.rsplit("/", 1)[1]: hostile.gets(o.key) for o in hostile.case_objects(case)}
-    context = (f"exit {run.code}, {run.wall_s:.1f} s, peak RSS {run.maxrss_bytes / 1e6:.0f} MB, GETs {gets}\n"
-               f"stdout: {run.stdout.strip()[-600:]}\nstderr: {run.stderr.strip()[-1500:]}")
+    context = (
+        f"exit {run.code}, {run.wall_s:.1f} s, peak RSS {run.maxrss_bytes / 1e6:.0f} MB, GETs {gets}\n"
+        f"stdout: {run.stdout.strip()[-600:]}\nstderr: {run.stderr.strip()[-1500:]}"
+    )
     assert not problems, "\n".join(problems) + "\n" + context
 
 
@@ -301,11 +338,15 @@ def test_hostile_case(hostile, tmp_path, case):
 def test_listing_and_head_parse_with_boto3_as_s3_answers(hostile):
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=hostile.endpoint, region_name="us-east-1",
-                      aws_access_key_id="k", aws_secret_access_key="s")
+    s3 = boto3.client(
+        "s3", endpoint_url=hostile.endpoint, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
+    )
     want = sorted(SELFTEST_KEYS, key=str.encode)
-    pages = list(s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="selftest/",
-                                                              PaginationConfig={"PageSize": 2}))
+    pages = list(
+        s3.get_paginator("list_objects_v2").paginate(
+            Bucket=BUCKET, Prefix="selftest/", PaginationConfig={"PageSize": 2}
+        )
+    )
     assert [o["Key"] for p in pages for o in p.get("Contents", [])] == want  # boto3 asks encoding-type=url
     assert len(pages) == 3 and pages[0]["IsTruncated"] and not pages[-1]["IsTruncated"]
     after = s3.list_objects_v2(Bucket=BUCKET, Prefix="selftest/", StartAfter=want[1])
@@ -346,7 +387,9 @@ def test_gets_follow_their_schedule_and_connections_are_counted(hostile):
 
     def get() -> bytes:
         with socket.create_connection((host, int(port)), timeout=5) as s:
-            s.sendall(f"GET /{BUCKET}/{key} HTTP/1.1\r\nHost: x\r\nAuthorization: AWS4-HMAC-SHA256 junk\r\n\r\n".encode())
+            s.sendall(
+                f"GET /{BUCKET}/{key} HTTP/1.1\r\nHost: x\r\nAuthorization: AWS4-HMAC-SHA256 junk\r\n\r\n".encode()
+            )
             data = b""
             try:
                 while chunk := s.recv(65536):
@@ -383,4 +426,8 @@ def test_a_slow_sender_stops_when_the_client_hangs_up_and_stop_leaves_no_thread(
         server.stop()
         stop_s = time.monotonic() - t0
     assert senders == [], f"senders still running 3 s after their clients hung up: {senders}"
-    assert stop_s < 2 and server.threads_left == [] and server.errors == [], (stop_s, server.threads_left, server.errors)
+    assert stop_s < 2 and server.threads_left == [] and server.errors == [], (
+        stop_s,
+        server.threads_left,
+        server.errors,
+    )

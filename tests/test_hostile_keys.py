@@ -15,7 +15,7 @@ from pathlib import Path
 from cache import CacheLayout, load_manifest, read_key_list, write_manifest
 from cache.blobs import hash_file
 from cache.manifest import ManifestRecord
-from pipeline.fetch import FetchConfig, fetch
+from pipeline.fetch.stage import FetchConfig, fetch
 from tests.helpers import ROOT
 
 MARK = "hostile7e1"  # in every short key, so that a file named after a key would be easy to find
@@ -77,7 +77,9 @@ def _named_after_keys(root: Path) -> list[str]:
 
 
 def test_hostile_keys_never_become_paths_and_round_trip(put, bucket, options, tmp_path):
-    assert all(len(k.encode("utf-8")) <= 1024 for k in KEYS) and len(KEYS[-2].encode()) == len(KEYS[-1].encode()) == 1024
+    assert (
+        all(len(k.encode("utf-8")) <= 1024 for k in KEYS) and len(KEYS[-2].encode()) == len(KEYS[-1].encode()) == 1024
+    )
     data = {k: b"content of " + k.encode("utf-8") for k in KEYS}
     for k in KEYS:
         put(k, data[k])
@@ -86,8 +88,9 @@ def test_hostile_keys_never_become_paths_and_round_trip(put, bucket, options, tm
     before = _tree(outside)
     absolute_targets = [Path(f"/tmp/{MARK}-abs"), Path(f"/etc/{MARK}-passwd"), Path.home() / f"{MARK}-home"]
 
-    result = fetch(FetchConfig(prefix=f"s3://{bucket}/", options=options, cache_dir=cache_dir, workers=2,
-                               batch=4, progress=False))
+    result = fetch(
+        FetchConfig(prefix=f"s3://{bucket}/", options=options, cache_dir=cache_dir, workers=2, batch=4, progress=False)
+    )
 
     assert result.exit_code == 0 and result.summary.fetched == len(KEYS), result.summary.errors
     # Nothing new outside the cache dir, nowhere a key could point to.
@@ -117,8 +120,10 @@ def test_keys_with_line_breaks_round_trip_through_the_manifest(tmp_path):
     """Keys moto cannot store over HTTP (LF) and escapes that must not be confused with them."""
     layout = CacheLayout(root=tmp_path / "cache").create()
     keys = ["a\nb", "a\\nb", "a\\\nb", "\n", "\r\n", "a\\", "\\", "x\u2028y\x85z", "\n" * 3 + "k" * 1000]
-    records = [ManifestRecord(key=k, sha256=hashlib.sha256(k.encode()).hexdigest(), size=1, etag="", last_modified="")
-               for k in keys]
+    records = [
+        ManifestRecord(key=k, sha256=hashlib.sha256(k.encode()).hexdigest(), size=1, etag="", last_modified="")
+        for k in keys
+    ]
     path = write_manifest(layout, endpoint="e", bucket="b", prefix="", records=records)
     assert read_key_list(path.with_suffix(".keys")) == keys
     assert list(load_manifest(path).keys) == keys

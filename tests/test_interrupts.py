@@ -20,7 +20,7 @@ from collections.abc import Callable
 import pytest
 
 from cache import CacheLayout
-from pipeline.server import seed_objects
+from pipeline.demo.server import seed_objects
 from tests.faultproxy import FaultProxy
 from tests.helpers import ROOT, blob_count, run_cli
 
@@ -34,8 +34,20 @@ def _objects(prefix: str) -> dict[str, bytes]:
 
 def _fetch_cmd(uri: str, endpoint: str, cache_dir) -> list[str]:
     # 16 in flight: the run lasts a few seconds on moto, so the signal lands in the middle of it.
-    return [sys.executable, "-m", "pipeline", "fetch", uri, "--endpoint", endpoint, "--cache-dir", str(cache_dir),
-            "--no-progress", "--max-connections", "16"]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "fetch",
+        uri,
+        "--endpoint",
+        endpoint,
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+        "--max-in-flight",
+        "16",
+    ]
 
 
 def _signal_when_blobs(cmd: list[str], cache_dir, threshold: int, sig: signal.Signals) -> subprocess.CompletedProcess:
@@ -69,7 +81,9 @@ def _check_nothing_lost(endpoint: str, gets: Callable[[], int], uri: str, cache_
     assert gets() - before == N - blobs, (gets() - before, blobs)
 
 
-@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize(
+    ("sig", "code", "said"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
 def test_a_signal_keeps_what_finished(s3_server, bucket, cache_dir, sig, code, said):
     seed_objects(bucket, _objects("sig/").items())
     uri = f"s3://{bucket}/sig/"
@@ -86,8 +100,17 @@ def test_a_fatal_answer_mid_run_keeps_what_finished(s3_server, bucket, cache_dir
     revoked = sorted(objects)[N // 2]  # the server stops knowing the key half way through the listing
     uri = f"s3://{bucket}/fatal/"
     with FaultProxy(s3_server.endpoint, always={f"/{bucket}/{revoked}": "badkey"}) as proxy:
-        proc = run_cli("fetch", uri, "--endpoint", proxy.endpoint, "--cache-dir", str(cache_dir), "--no-progress",
-                       "--max-connections", "16")
+        proc = run_cli(
+            "fetch",
+            uri,
+            "--endpoint",
+            proxy.endpoint,
+            "--cache-dir",
+            str(cache_dir),
+            "--no-progress",
+            "--max-in-flight",
+            "16",
+        )
         assert proc.returncode == 2 and "InvalidAccessKeyId" in proc.stderr, proc.stderr
         proxy.always.clear()  # the key is known again: the rerun goes through the same endpoint
         _check_nothing_lost(proxy.endpoint, lambda: proxy.requests_of_kind("GET"), uri, cache_dir)
@@ -105,8 +128,17 @@ def test_a_full_disk_keeps_what_finished(s3_server, bucket, tmp_path):
         rng = random.Random(9)
         seed_objects(bucket, ((f"full/k{i:02d}_0.bin", rng.randbytes(150_000)) for i in range(30)))
         cache_dir = mnt / "cache"
-        proc = run_cli("fetch", f"s3://{bucket}/full/", "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir),
-                       "--no-progress", "--max-connections", "4")
+        proc = run_cli(
+            "fetch",
+            f"s3://{bucket}/full/",
+            "--endpoint",
+            s3_server.endpoint,
+            "--cache-dir",
+            str(cache_dir),
+            "--no-progress",
+            "--max-in-flight",
+            "4",
+        )
         assert proc.returncode == 2 and "free space or pass --cache-dir" in proc.stderr, proc.stderr
         blobs = blob_count(cache_dir)
         assert 0 < blobs < 30

@@ -13,9 +13,20 @@ import pytest
 from pipeline.config import ClientOptions, S3Uri
 from pipeline.transport.listing import ObjectInfo, StorageError, iso_utc, list_objects
 
-KEYS = ["n/a/img-001_0.png", "n/a/img-002_1.png", "n/b/x.y-z~_2.png", "n/top.png", "n/with space_0.png",
-        "n/100%_1.png", "n/a//double_0.png", "n/a/../dots_1.png", "n/a+b=c&d.png", "n/ünï çødé_2.png",
-        "n/a/img-001_0.png/", "n/b/"]
+KEYS = [
+    "n/a/img-001_0.png",
+    "n/a/img-002_1.png",
+    "n/b/x.y-z~_2.png",
+    "n/top.png",
+    "n/with space_0.png",
+    "n/100%_1.png",
+    "n/a//double_0.png",
+    "n/a/../dots_1.png",
+    "n/a+b=c&d.png",
+    "n/ünï çødé_2.png",
+    "n/a/img-001_0.png/",
+    "n/b/",
+]
 
 
 def _boto3(client, bucket: str, prefix: str) -> list[ObjectInfo]:
@@ -24,7 +35,9 @@ def _boto3(client, bucket: str, prefix: str) -> list[ObjectInfo]:
         for o in page.get("Contents", ()):
             if o["Size"] == 0 and o["Key"].endswith("/"):
                 continue
-            out.append(ObjectInfo(key=o["Key"], etag=o["ETag"], size=o["Size"], last_modified=iso_utc(o["LastModified"])))
+            out.append(
+                ObjectInfo(key=o["Key"], etag=o["ETag"], size=o["Size"], last_modified=iso_utc(o["LastModified"]))
+            )
     return out
 
 
@@ -40,7 +53,8 @@ def test_listing_equals_boto3_on_moto(s3_client, put, bucket, options):
     assert list(list_objects(S3Uri.parse(f"s3://{bucket}/n/"), options, limit=2)) == ours[:2]
     # A prefix that is not a folder: S3 prefixes are literal.
     assert [o.key for o in list_objects(S3Uri.parse(f"s3://{bucket}/n/a"), options)] == sorted(
-        k for k in KEYS if k.startswith("n/a"))
+        k for k in KEYS if k.startswith("n/a")
+    )
 
 
 def test_listing_equals_boto3_on_s3rver_across_pages(s3rver_env):

@@ -7,15 +7,33 @@ import pytest
 from cache import CacheLayout, S3Uri, ShardSpec, load_manifest, read_manifest_header, write_manifest
 from cache.manifest import ManifestHeader, ManifestRecord, manifests_of
 
-FETCH = {"listed": 3, "fetched": 2, "cached": 1, "missing": 0, "failed": 0, "bytes_fetched": 10, "bytes_total": 15,
-         "retries": 0, "list_s": 0.01, "wall_s": 1.5}
-RECORDS = [ManifestRecord(key=f"p/k{i}_1.png", sha256=f"{i:064x}", size=5, etag='"e"', last_modified="", label=1)
-           for i in range(3)]
+FETCH = {
+    "listed": 3,
+    "fetched": 2,
+    "cached": 1,
+    "missing": 0,
+    "failed": 0,
+    "bytes_fetched": 10,
+    "bytes_total": 15,
+    "retries": 0,
+    "list_s": 0.01,
+    "wall_s": 1.5,
+}
+RECORDS = [
+    ManifestRecord(key=f"p/k{i}_1.png", sha256=f"{i:064x}", size=5, etag='"e"', last_modified="", label=1)
+    for i in range(3)
+]
 
 
 def _write(tmp_path, extra=None, *, bucket="bkt", prefix="p/"):
-    return write_manifest(CacheLayout(root=tmp_path), endpoint="http://127.0.0.1:9", bucket=bucket, prefix=prefix,
-                          records=RECORDS, extra=extra)
+    return write_manifest(
+        CacheLayout(root=tmp_path),
+        endpoint="http://127.0.0.1:9",
+        bucket=bucket,
+        prefix=prefix,
+        records=RECORDS,
+        extra=extra,
+    )
 
 
 def test_optional_fields_are_typed_and_the_header_line_is_unchanged(tmp_path):
@@ -29,9 +47,18 @@ def test_optional_fields_are_typed_and_the_header_line_is_unchanged(tmp_path):
     assert h.uri == S3Uri(bucket="bkt", prefix="p/") and str(h.uri) == "s3://bkt/p/"
     # tess-manifest/1 byte for byte: the required fields in their order, then the optional ones as given.
     first = path.read_bytes().split(b"\n", 1)[0]
-    expected = {"endpoint": "http://127.0.0.1:9", "bucket": "bkt", "prefix": "p/", "created": h.created, "count": 3,
-                "total_bytes": 15, "records_sha256": h.records_sha256, "format": "tess-manifest/1", **extra,
-                "network": h.network}
+    expected = {
+        "endpoint": "http://127.0.0.1:9",
+        "bucket": "bkt",
+        "prefix": "p/",
+        "created": h.created,
+        "count": 3,
+        "total_bytes": 15,
+        "records_sha256": h.records_sha256,
+        "format": "tess-manifest/1",
+        **extra,
+        "network": h.network,
+    }
     assert first == json.dumps(expected, ensure_ascii=False, separators=(",", ":")).encode()
     assert "shard1of4" in path.name
     assert load_manifest(path).header == h
@@ -40,8 +67,16 @@ def test_optional_fields_are_typed_and_the_header_line_is_unchanged(tmp_path):
 def test_header_without_optional_fields(tmp_path):
     h = read_manifest_header(_write(tmp_path))
     assert (h.shard, h.classes, h.fetch, h.incomplete, h.network, h.network_cost) == (None,) * 6
-    assert h.extra == {} and set(h.to_json()) == {"endpoint", "bucket", "prefix", "created", "count", "total_bytes",
-                                                  "records_sha256", "format"}
+    assert h.extra == {} and set(h.to_json()) == {
+        "endpoint",
+        "bucket",
+        "prefix",
+        "created",
+        "count",
+        "total_bytes",
+        "records_sha256",
+        "format",
+    }
 
 
 @pytest.mark.parametrize(
@@ -80,8 +115,20 @@ def test_manifests_of_matches_bucket_and_prefix_exactly(tmp_path):
 
 
 def test_header_round_trips_through_json():
-    h = ManifestHeader.from_json({"endpoint": "aws", "bucket": "b", "prefix": "", "created": "t", "count": 0, "total_bytes": 0,
-                                  "records_sha256": "0" * 64, "format": "tess-manifest/1", "shard": "0/3", "classes": [],
-                                  "future": {"x": 1}})
+    h = ManifestHeader.from_json(
+        {
+            "endpoint": "aws",
+            "bucket": "b",
+            "prefix": "",
+            "created": "t",
+            "count": 0,
+            "total_bytes": 0,
+            "records_sha256": "0" * 64,
+            "format": "tess-manifest/1",
+            "shard": "0/3",
+            "classes": [],
+            "future": {"x": 1},
+        }
+    )
     assert ManifestHeader.from_json(h.to_json()) == h and h.to_json()["shard"] == "0/3" and h.classes == ()
     assert h.unknown == {"future": {"x": 1}} and h.to_json()["future"] == {"x": 1}  # kept for tools that know it

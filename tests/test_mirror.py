@@ -20,9 +20,17 @@ import pytest
 from cache import CacheLayout
 from cache.blobs import BlobStore, BlobWriter, hash_file
 from cache.checks import Checksum, ChecksumAlgorithm, Expected
-from pipeline.mirror import (FailureKind, GetFailure, Mirror, MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef,
-                             SyncPolicy)
-from pipeline.mirror_loop import mirror_all
+from pipeline.fetch.mirror import (
+    FailureKind,
+    GetFailure,
+    Mirror,
+    MirrorRecord,
+    MirrorSettings,
+    MirrorStatus,
+    ObjectRef,
+    SyncPolicy,
+)
+from pipeline.fetch.mirror_loop import mirror_all
 from tests.helpers import run_cli
 
 BUCKET = "fake"
@@ -201,7 +209,9 @@ class VersionedGetter:
 
     async def head(self, key):
         self.heads += 1
-        return Expected(size=len(self.versions[self.current]), etag=self._etag(), last_modified="2026-12-03T10:00:00+00:00")
+        return Expected(
+            size=len(self.versions[self.current]), etag=self._etag(), last_modified="2026-12-03T10:00:00+00:00"
+        )
 
 
 @pytest.mark.parametrize("size", [3000, 5 << 20], ids=["small", "ranged"])
@@ -324,14 +334,19 @@ def test_small_puts_run_on_the_loop_unless_each_is_fsynced(store, monkeypatch, p
 
     threads: list[str] = []
     real = BlobStore.put_body
-    monkeypatch.setattr(BlobStore, "put_body", lambda self, *a, **kw: (threads.append(threading.current_thread().name),
-                                                                      real(self, *a, **kw))[1])
+    monkeypatch.setattr(
+        BlobStore,
+        "put_body",
+        lambda self, *a, **kw: (threads.append(threading.current_thread().name), real(self, *a, **kw))[1],
+    )
     getter = FakeGetter({f"k{i}": b"x%d" % i for i in range(4)})
     getter.whole = True  # as the transport hands small bodies over: in memory
     recs = _run(Mirror(store, getter, _settings(sync=policy)), getter.objects)
     assert all(r.status is MirrorStatus.FETCHED for r in recs)
     on_disk_threads = [t.startswith("tess-disk") for t in threads]
-    assert len(threads) == 4 and all(on_disk_threads) == (where == "disk") and any(on_disk_threads) == (where == "disk"), threads
+    assert (
+        len(threads) == 4 and all(on_disk_threads) == (where == "disk") and any(on_disk_threads) == (where == "disk")
+    ), threads
 
 
 @pytest.mark.parametrize(("policy", "fsyncs"), [(SyncPolicy.PER_BLOB, 5), (SyncPolicy.BEFORE_MANIFEST, 0)])
@@ -359,8 +374,18 @@ def test_fetch_with_no_workers_never_imports_torch(s3_server, put, bucket, cache
 
     for i in range(5):
         put(f"nt/k{i}_0.png", png_bytes(i))
-    proc = run_cli("-c", NO_TORCH, "fetch", f"s3://{bucket}/nt/", "--endpoint", s3_server.endpoint,
-                   "--cache-dir", str(cache_dir), "--no-progress", module="")
+    proc = run_cli(
+        "-c",
+        NO_TORCH,
+        "fetch",
+        f"s3://{bucket}/nt/",
+        "--endpoint",
+        s3_server.endpoint,
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+        module="",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "fetched 5" in proc.stdout and "NO_TORCH" in proc.stdout, proc.stdout
 
@@ -371,7 +396,9 @@ def test_a_failed_fetch_leaves_no_cache_skeleton(s3_server, put, bucket, tmp_pat
     put("p/a_1.png", png_bytes(1))
     for prefix in ("s3://no-such-bucket-q/p/", f"s3://{bucket}/empty/"):
         cache_dir = tmp_path / "never"
-        proc = run_cli("fetch", prefix, "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress")
+        proc = run_cli(
+            "fetch", prefix, "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress"
+        )
         assert proc.returncode == 2, proc.stderr
         assert not cache_dir.exists(), sorted(str(p) for p in cache_dir.rglob("*"))
 
@@ -388,7 +415,9 @@ def test_bar_and_summary_use_the_same_megabytes(s3_server, put, bucket, cache_di
 
 def test_one_object_is_not_reported_at_zero_objects_per_second(s3_server, put, bucket, cache_dir):
     put("one/k_0.png", b"only one")
-    proc = run_cli("fetch", f"s3://{bucket}/one/", "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress")
+    proc = run_cli(
+        "fetch", f"s3://{bucket}/one/", "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress"
+    )
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stdout.splitlines() if " objects/s" in x)
     rate = float(line.split(" objects/s")[0].rsplit(" ", 1)[1])
@@ -396,7 +425,7 @@ def test_one_object_is_not_reported_at_zero_objects_per_second(s3_server, put, b
 
 
 def test_summary_rate_is_over_the_mirroring_time_with_decimals_for_small_counts():
-    from pipeline.fetch import FetchSummary
+    from pipeline.fetch.stage import FetchSummary
 
     # One object fetched in 0.4 s after 3.6 s of listing and start-up: 2.5 objects/s, not "0 objects/s".
     line = FetchSummary(fetched=1, bytes_fetched=10, wall_s=4.0, mirror_s=0.4).line()
@@ -410,8 +439,8 @@ def test_summary_rate_is_over_the_mirroring_time_with_decimals_for_small_counts(
 def test_the_transport_survives_faults_in_process(s3_server, tmp_path):
     from cache import load_manifest
     from pipeline.config import ClientOptions
-    from pipeline.fetch import FetchConfig, fetch
-    from pipeline.server import seed_objects
+    from pipeline.fetch.stage import FetchConfig, fetch
+    from pipeline.demo.server import seed_objects
     from tests.faultproxy import FaultProxy
 
     bucket = "transport-faults"
@@ -421,7 +450,9 @@ def test_the_transport_survives_faults_in_process(s3_server, tmp_path):
     rates = {"500": 0.04, "503": 0.04, "reset": 0.04, "truncate": 0.04, "corrupt": 0.04}
     with FaultProxy(s3_server.endpoint, seed=5, rates=rates) as proxy:
         options = ClientOptions(endpoint=proxy.endpoint, max_attempts=8, connect_timeout=2, read_timeout=2)
-        result = fetch(FetchConfig(prefix=f"s3://{bucket}/e/", options=options, cache_dir=tmp_path / "c", progress=False))
+        result = fetch(
+            FetchConfig(prefix=f"s3://{bucket}/e/", options=options, cache_dir=tmp_path / "c", progress=False)
+        )
     s = result.summary
     assert result.exit_code == 0 and s.fetched == len(objects), s.errors[:3]
     assert proxy.faults_on("GET") > 0
@@ -436,7 +467,7 @@ def test_fetch_from_s3rver_with_a_large_object_in_ranges(s3rver_env, tmp_path):
 
     from cache import load_manifest
     from pipeline.config import ClientOptions
-    from pipeline.fetch import FetchConfig, fetch
+    from pipeline.fetch.stage import FetchConfig, fetch
 
     # A session of its own: boto3's default session may hold the moto credentials of earlier tests.
     s3 = boto3.session.Session().client("s3", endpoint_url=s3rver_env, region_name="us-east-1")
@@ -445,8 +476,14 @@ def test_fetch_from_s3rver_with_a_large_object_in_ranges(s3rver_env, tmp_path):
     objects["d/big_1.bin"] = random.Random(99).randbytes(20 * 1024 * 1024 + 17)  # above the 16 MB threshold
     for key, data in objects.items():
         s3.put_object(Bucket="mirror-e2e", Key=key, Body=data)
-    result = fetch(FetchConfig(prefix="s3://mirror-e2e/d/", options=ClientOptions(endpoint=s3rver_env),
-                               cache_dir=tmp_path / "c", progress=False))
+    result = fetch(
+        FetchConfig(
+            prefix="s3://mirror-e2e/d/",
+            options=ClientOptions(endpoint=s3rver_env),
+            cache_dir=tmp_path / "c",
+            progress=False,
+        )
+    )
     assert result.exit_code == 0 and result.summary.fetched == len(objects)
     m = load_manifest(result.manifest)
     layout = CacheLayout(root=tmp_path / "c")
@@ -456,13 +493,15 @@ def test_fetch_from_s3rver_with_a_large_object_in_ranges(s3rver_env, tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["SHA256", "CRC32", "CRC32C", "CRC64NVME"])
-def test_a_servers_additional_checksum_is_verified_end_to_end(s3_server, s3_client, bucket, tmp_path, monkeypatch, algorithm):
+def test_a_servers_additional_checksum_is_verified_end_to_end(
+    s3_server, s3_client, bucket, tmp_path, monkeypatch, algorithm
+):
     """moto stores the checksum of a PUT with ChecksumAlgorithm and answers it on HEAD (ChecksumMode):
     the ranged fetch checks the body against it, and fails when the announced value is not the body's."""
     import dataclasses
 
     from pipeline.config import ClientOptions
-    from pipeline.fetch import FetchConfig, fetch
+    from pipeline.fetch.stage import FetchConfig, fetch
     from pipeline.transport.client import S3Client
 
     data = random.Random(7).randbytes((16 << 20) + 5)  # at the 16 MB threshold: ranged GETs after a HEAD
@@ -481,6 +520,7 @@ def test_a_servers_additional_checksum_is_verified_end_to_end(s3_server, s3_clie
     assert heads and heads[0].checksum is not None and heads[0].checksum.algorithm.value == algorithm
 
     wrong = base64.b64encode(b"\0" * len(base64.b64decode(heads[0].checksum.value_b64))).decode()
+
     async def wrong_head(*a, **kw):
         return dataclasses.replace(await real_head(*a, **kw), checksum=Checksum(ChecksumAlgorithm(algorithm), wrong))
 
@@ -490,13 +530,14 @@ def test_a_servers_additional_checksum_is_verified_end_to_end(s3_server, s3_clie
     assert "does not match the server's checksum" in bad.summary.errors[0]
 
 
-def test_a_large_object_replaced_during_its_ranged_fetch_restarts_on_its_new_version(s3_server, s3_client, bucket,
-                                                                                     tmp_path, monkeypatch):
+def test_a_large_object_replaced_during_its_ranged_fetch_restarts_on_its_new_version(
+    s3_server, s3_client, bucket, tmp_path, monkeypatch
+):
     """moto answers 412 to the parts' If-Match once the object is replaced: tess HEADs again, fetches the new
     version whole, and the manifest pins it (ETag, size, SHA-256)."""
     from cache import load_manifest
     from pipeline.config import ClientOptions
-    from pipeline.fetch import FetchConfig, fetch
+    from pipeline.fetch.stage import FetchConfig, fetch
     from pipeline.transport.client import S3Client
 
     v1, v2 = random.Random(1).randbytes((20 << 20) + 5), random.Random(2).randbytes((18 << 20) + 99)
@@ -507,12 +548,20 @@ def test_a_large_object_replaced_during_its_ranged_fetch_restarts_on_its_new_ver
     async def replacing_get(self, b, key, **kw):
         if kw.get("byte_range") and not replaced:  # the first part: replace the object under it
             replaced.append(1)
-            await asyncio.get_running_loop().run_in_executor(None, lambda: s3_client.put_object(Bucket=b, Key=key, Body=v2))
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: s3_client.put_object(Bucket=b, Key=key, Body=v2)
+            )
         return await real_get(self, b, key, **kw)
 
     monkeypatch.setattr(S3Client, "get", replacing_get)
-    result = fetch(FetchConfig(prefix=f"s3://{bucket}/chg/", options=ClientOptions(endpoint=s3_server.endpoint),
-                               cache_dir=tmp_path / "c", progress=False))
+    result = fetch(
+        FetchConfig(
+            prefix=f"s3://{bucket}/chg/",
+            options=ClientOptions(endpoint=s3_server.endpoint),
+            cache_dir=tmp_path / "c",
+            progress=False,
+        )
+    )
     assert replaced and result.exit_code == 0, result.summary.errors
     m = load_manifest(result.manifest)
     assert (m.sha_hex(0), int(m.size[0]), m.etags[0]) == (hashlib.sha256(v2).hexdigest(), len(v2), _md5_etag(v2))

@@ -1,4 +1,4 @@
-"""Tests for the convolutional VAE and its loss (pipeline.model)."""
+"""Tests for the convolutional VAE and its loss (pipeline.train.model)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.demo import demo_image
-from pipeline.model import VAE, VAEConfig, VAELoss
+from pipeline.demo.demo_set import demo_image
+from pipeline.train.model import VAE, VAEConfig, VAELoss
 
 TRAIN_STEPS = 50
 LR = 1e-3

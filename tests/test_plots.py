@@ -1,4 +1,4 @@
-"""Tests for the PNG outputs (pipeline.plots)."""
+"""Tests for the PNG outputs (pipeline.train.plots)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import plots
-from pipeline.plots import GRID_PAD, PAIR_GAP, save_loss_curve, save_reconstructions, save_samples
+from pipeline.train import plots
+from pipeline.train.plots import GRID_PAD, PAIR_GAP, save_loss_curve, save_reconstructions, save_samples
 
 
 def images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -154,8 +154,12 @@ def test_bad_arguments_raise_before_writing(tmp_path: Path, call: Callable[[Path
 
 
 def test_importing_plots_does_not_import_matplotlib() -> None:
-    code = "import sys, pipeline.plots; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    code = "import sys, pipeline.train.plots; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1]
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert result.returncode == 0, result.stderr

@@ -106,8 +106,13 @@ def mixed(s3c):
     return bucket, bodies
 
 
-def _tess(*args: str, env: dict[str, str] | None = None, drop: tuple[str, ...] = (), timeout: float = 180,
-          script: str | None = None) -> subprocess.CompletedProcess[str]:
+def _tess(
+    *args: str,
+    env: dict[str, str] | None = None,
+    drop: tuple[str, ...] = (),
+    timeout: float = 180,
+    script: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """``python -m pipeline ARGS`` (or ``python SCRIPT ARGS``) in a child process, without the ``drop`` variables."""
     full = {k: v for k, v in os.environ.items() if k not in drop}
     full.update(env or {})
@@ -115,12 +120,33 @@ def _tess(*args: str, env: dict[str, str] | None = None, drop: tuple[str, ...] =
     return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
 
 
-def _fetch(rgw, uri: str, cache_dir: Path, *extra: str, endpoint: str | None = None, env: dict[str, str] | None = None,
-           drop: tuple[str, ...] = (), timeout: float = 180) -> tuple[subprocess.CompletedProcess[str], Path | None]:
+def _fetch(
+    rgw,
+    uri: str,
+    cache_dir: Path,
+    *extra: str,
+    endpoint: str | None = None,
+    env: dict[str, str] | None = None,
+    drop: tuple[str, ...] = (),
+    timeout: float = 180,
+) -> tuple[subprocess.CompletedProcess[str], Path | None]:
     """``tess fetch URI`` against RGW; returns the process and the manifest it names (None if none)."""
-    proc = _tess("fetch", uri, "--endpoint", endpoint or rgw.endpoint, "--cache-dir", str(cache_dir), "--no-progress",
-                 *extra, env={**rgw.env(), **(env or {})}, drop=drop, timeout=timeout)
-    paths = [ln.split("manifest: ", 1)[1].strip() for ln in proc.stdout.splitlines() if ln.strip().startswith("manifest: ")]
+    proc = _tess(
+        "fetch",
+        uri,
+        "--endpoint",
+        endpoint or rgw.endpoint,
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+        *extra,
+        env={**rgw.env(), **(env or {})},
+        drop=drop,
+        timeout=timeout,
+    )
+    paths = [
+        ln.split("manifest: ", 1)[1].strip() for ln in proc.stdout.splitlines() if ln.strip().startswith("manifest: ")
+    ]
     assert len(paths) <= 1, proc.stdout
     return proc, Path(paths[0]) if paths else None
 
@@ -159,8 +185,10 @@ def _listening(pids) -> set[tuple[str, int]]:
             if cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
                 addr, port = cols[1].split(":")
                 raw = bytes.fromhex(addr)  # each 32-bit word in host (little-endian) order
-                ip = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6,
-                                      b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+                ip = socket.inet_ntop(
+                    socket.AF_INET if len(raw) == 4 else socket.AF_INET6,
+                    b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)),
+                )
                 out.add((ip, int(port, 16)))
     return out
 
@@ -238,7 +266,11 @@ def test_changed_deleted_and_added_keys(rgw_server, s3c, tmp_path):
     old = _records(manifest)
     # k1 changes with the same size (only the ETag tells), k2 changes size, k0 is deleted, k5 is new.
     v2 = {k: v for k, v in v1.items() if k != "chg/k0_0.bin"}
-    v2 |= {"chg/k1_1.bin": b"version 2 of k1", "chg/k2_2.bin": b"version 2 of k2, longer", "chg/k5_5.bin": b"new key k5"}
+    v2 |= {
+        "chg/k1_1.bin": b"version 2 of k1",
+        "chg/k2_2.bin": b"version 2 of k2, longer",
+        "chg/k5_5.bin": b"new key k5",
+    }
     assert len(v2["chg/k1_1.bin"]) == len(v1["chg/k1_1.bin"])
     for k in ("chg/k1_1.bin", "chg/k2_2.bin", "chg/k5_5.bin"):
         s3c.put_object(Bucket=bucket, Key=k, Body=v2[k])
@@ -262,8 +294,17 @@ def test_policy_denied_key_is_reported_and_the_rest_fetched(rgw_server, s3c, tmp
     denied = "p/denied.png"
     for k, data in {**allowed, denied: png_bytes(99)}.items():
         s3c.put_object(Bucket=bucket, Key=k, Body=data)
-    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
-                                                      "Resource": f"arn:aws:s3:::{bucket}/{denied}"}]}
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:GetObject",
+                "Resource": f"arn:aws:s3:::{bucket}/{denied}",
+            }
+        ],
+    }
     s3c.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
     # The explicit Deny applies to the tess user too (the bucket's owner): RGW refuses it the GET.
     with pytest.raises(botocore.exceptions.ClientError) as e:
@@ -298,8 +339,9 @@ def test_tls_with_the_private_ca(rgw_server, tls_bucket, tmp_path, how):
     # No other trust setting leaks in: only the one under test names the CA.
     ca = str(rgw_server.ca_bundle)
     env, extra = ({"AWS_CA_BUNDLE": ca}, ()) if how == "AWS_CA_BUNDLE" else ({}, ("--ca-bundle", ca))
-    proc, manifest = _fetch(rgw_server, f"s3://{bucket}/tls/", cache_dir, *extra, endpoint=rgw_server.https_endpoint,
-                            env=env, drop=TLS_VARS)
+    proc, manifest = _fetch(
+        rgw_server, f"s3://{bucket}/tls/", cache_dir, *extra, endpoint=rgw_server.https_endpoint, env=env, drop=TLS_VARS
+    )
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     _assert_blobs(cache_dir, manifest, bodies)
     assert load_manifest(manifest).header.to_json()["endpoint"] == rgw_server.https_endpoint
@@ -309,8 +351,9 @@ def test_tls_without_the_ca_fails_fast_with_the_fix(rgw_server, tls_bucket, tmp_
     bucket, _ = tls_bucket
     cache_dir = tmp_path / "cache"
     t0 = time.monotonic()
-    proc, manifest = _fetch(rgw_server, f"s3://{bucket}/tls/", cache_dir, endpoint=rgw_server.https_endpoint,
-                            drop=TLS_VARS, timeout=60)
+    proc, manifest = _fetch(
+        rgw_server, f"s3://{bucket}/tls/", cache_dir, endpoint=rgw_server.https_endpoint, drop=TLS_VARS, timeout=60
+    )
     wall = time.monotonic() - t0
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert wall < 20, wall  # a certificate error is not retried like a network error
@@ -327,8 +370,14 @@ def test_tls_without_the_ca_fails_fast_with_the_fix(rgw_server, tls_bucket, tmp_
 def test_tls_no_verify_ssl_fetches_and_warns(rgw_server, tls_bucket, tmp_path):
     bucket, bodies = tls_bucket
     cache_dir = tmp_path / "cache"
-    proc, manifest = _fetch(rgw_server, f"s3://{bucket}/tls/", cache_dir, "--no-verify-ssl",
-                            endpoint=rgw_server.https_endpoint, drop=TLS_VARS)
+    proc, manifest = _fetch(
+        rgw_server,
+        f"s3://{bucket}/tls/",
+        cache_dir,
+        "--no-verify-ssl",
+        endpoint=rgw_server.https_endpoint,
+        drop=TLS_VARS,
+    )
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     assert any("verif" in ln.lower() for ln in proc.stderr.splitlines()), proc.stderr
     assert TRACEBACK not in proc.stderr, proc.stderr
@@ -344,8 +393,23 @@ def test_train_one_epoch_from_a_prefix_fetched_from_rgw(rgw_server, s3c, tmp_pat
     proc, manifest = _fetch(rgw_server, f"s3://{bucket}/train/", cache_dir)
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     _assert_blobs(cache_dir, manifest, bodies)
-    proc = _tess("-e", "1", "-b", "16", "--device", "cpu", "--no-progress", "--cache-dir", str(cache_dir),
-                 "--manifest", str(manifest), "--out", str(out), script="train_vae.py", env=rgw_server.env())
+    proc = _tess(
+        "-e",
+        "1",
+        "-b",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--cache-dir",
+        str(cache_dir),
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        script="train_vae.py",
+        env=rgw_server.env(),
+    )
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     for name in ("metrics.csv", "checkpoint.pt", "reconstructions.png", "samples.png", "loss.png", "summary.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

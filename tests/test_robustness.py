@@ -12,23 +12,37 @@ import pytest
 from cache import CacheLayout, load_manifest
 from cache.blobs import hash_file
 from cache.verify import verify_cache
-from pipeline.fetch import FetchConfig, fetch
-from pipeline.server import seed_objects
+from pipeline.fetch.stage import FetchConfig, fetch
+from pipeline.demo.server import seed_objects
 from pipeline.config import TrainConfig
-from pipeline.train import train
+from pipeline.train.loop import train
 from tests.conftest import png_bytes
 from tests.helpers import ROOT, kill_when_blobs, run_cli
 
 
 def _fetch_cmd(endpoint, uri, cache_dir, *extra):
-    return [sys.executable, "-m", "pipeline", "fetch", uri, "--endpoint", endpoint, "--cache-dir", str(cache_dir), "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "fetch",
+        uri,
+        "--endpoint",
+        endpoint,
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_sigkill_at_three_random_points(s3_server, bucket, cache_dir):
     n = 1200
     uri = f"s3://{bucket}/k/"
     seed_objects(bucket, ((f"k/{i:05d}_{i % 10}.png", png_bytes(i, size=16)) for i in range(n)))
-    first = run_cli("fetch", uri, "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress", "--limit", "100")
+    first = run_cli(
+        "fetch", uri, "--endpoint", s3_server.endpoint, "--cache-dir", str(cache_dir), "--no-progress", "--limit", "100"
+    )
     assert first.returncode == 0
     old = next((cache_dir / "manifests").glob("*.jsonl")).read_bytes()
     rng = random.Random(20261126)
@@ -49,10 +63,20 @@ def test_sigkill_at_three_random_points(s3_server, bucket, cache_dir):
 
 @pytest.mark.parametrize("second", ["same", "overlapping"])
 def test_concurrent_fetches_leave_a_valid_cache(s3_server, bucket, cache_dir, second):
-    seed_objects(bucket, ((f"p/{'sub/' if i % 2 else ''}{i:04d}_{i % 10}.png", png_bytes(i, size=16)) for i in range(600)))
+    seed_objects(
+        bucket, ((f"p/{'sub/' if i % 2 else ''}{i:04d}_{i % 10}.png", png_bytes(i, size=16)) for i in range(600))
+    )
     uris = [f"s3://{bucket}/p/", f"s3://{bucket}/p/" if second == "same" else f"s3://{bucket}/p/sub/"]
-    procs = [subprocess.Popen(_fetch_cmd(s3_server.endpoint, u, cache_dir, "-w", "1"), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for u in uris]
+    procs = [
+        subprocess.Popen(
+            _fetch_cmd(s3_server.endpoint, u, cache_dir, "-w", "1"),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for u in uris
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     report = verify_cache(CacheLayout(root=cache_dir))
@@ -63,11 +87,16 @@ def test_concurrent_fetches_leave_a_valid_cache(s3_server, bucket, cache_dir, se
 
 
 def test_odd_objects_are_fetched_as_bytes_and_skipped_in_training(s3_server, bucket, cache_dir, options, tmp_path):
-    from pipeline.demo import demo_items
+    from pipeline.demo.demo_set import demo_items
 
     good = list(demo_items(30, prefix="odd/"))
-    seed_objects(bucket, good + [("odd/readme_1.txt", b"not an image"), ("odd/cut_2.png", good[0][1][:40]), ("odd/empty_3.png", b"")])
-    r = fetch(FetchConfig(prefix=f"s3://{bucket}/odd/", options=options, cache_dir=cache_dir, workers=0, progress=False))
+    seed_objects(
+        bucket,
+        good + [("odd/readme_1.txt", b"not an image"), ("odd/cut_2.png", good[0][1][:40]), ("odd/empty_3.png", b"")],
+    )
+    r = fetch(
+        FetchConfig(prefix=f"s3://{bucket}/odd/", options=options, cache_dir=cache_dir, workers=0, progress=False)
+    )
     m = load_manifest(r.manifest)
     assert r.exit_code == 0 and len(m) == 33
     sizes = dict(zip(m.keys, m.size.tolist()))
@@ -75,7 +104,11 @@ def test_odd_objects_are_fetched_as_bytes_and_skipped_in_training(s3_server, buc
     with pytest.raises(ValueError) as e:
         train(TrainConfig(epochs=1, cache_dir=str(cache_dir), out=str(tmp_path / "stop"), progress=False))
     assert "odd/" in str(e.value) and "--on-bad-sample skip" in str(e.value)
-    s = train(TrainConfig(epochs=1, cache_dir=str(cache_dir), out=str(tmp_path / "skip"), progress=False, on_bad_sample="skip"))
+    s = train(
+        TrainConfig(
+            epochs=1, cache_dir=str(cache_dir), out=str(tmp_path / "skip"), progress=False, on_bad_sample="skip"
+        )
+    )
     # The .txt key is not an image: ignored, not a bad sample; the two damaged PNGs are skipped by name.
     assert s.images == 30 and s.ignored_keys == 1 and s.ignored_examples == ["odd/readme_1.txt"]
     assert s.skipped_keys == ["odd/cut_2.png", "odd/empty_3.png"] and s.bad_samples_skipped == 2
@@ -88,9 +121,11 @@ def _peak_rss_mb(cmd) -> tuple[int, float]:
     exec, and this test process holds the server's 200 MB object.
     """
     args = cmd[3:]  # drop: python -m pipeline
-    code = ("import sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
-            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
-            "print('VMHWM', hwm); sys.exit(rc)")
+    code = (
+        "import sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+        "print('VMHWM', hwm); sys.exit(rc)"
+    )
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     kb = int(proc.stdout.split("VMHWM", 1)[1].split()[0])
     return proc.returncode, kb / 1024

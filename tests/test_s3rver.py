@@ -47,9 +47,14 @@ def _client(endpoint: str):
     import boto3
     import botocore.config
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
-                        aws_secret_access_key=SECRET_KEY,
-                        config=botocore.config.Config(s3={"addressing_style": "path"}, max_pool_connections=16))
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=botocore.config.Config(s3={"addressing_style": "path"}, max_pool_connections=16),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +89,12 @@ def many_bucket(s3c):
 
 
 def _fetch(capsys, endpoint: str, uri: str, cache_dir: Path, *extra: str) -> tuple[int, str, str, Path | None]:
-    """``python -m pipeline fetch URI`` in this process; returns exit code, stdout, stderr, manifest path."""
+    """``tess fetch URI`` in this process; returns exit code, stdout, stderr, manifest path."""
     rc = cli.main(["fetch", uri, "--endpoint", endpoint, "--cache-dir", str(cache_dir), "--no-progress", *extra])
     out, err = capsys.readouterr()
-    paths = [line.split("manifest: ", 1)[1].strip() for line in out.splitlines() if line.strip().startswith("manifest: ")]
+    paths = [
+        line.split("manifest: ", 1)[1].strip() for line in out.splitlines() if line.strip().startswith("manifest: ")
+    ]
     assert len(paths) <= 1, out
     return rc, out, err, Path(paths[0]) if paths else None
 
@@ -104,7 +111,9 @@ def _quoted_md5(data: bytes) -> str:
     return f'"{hashlib.md5(data).hexdigest()}"'
 
 
-def test_listing_over_1000_keys_paginates_and_refetch_sends_no_get(capsys, s3rver_server, s3rver_env, many_bucket, tmp_path):
+def test_listing_over_1000_keys_paginates_and_refetch_sends_no_get(
+    capsys, s3rver_server, s3rver_env, many_bucket, tmp_path
+):
     cache_dir = tmp_path / "cache"
     uri = f"s3://{many_bucket}/many/"
     s3rver_server.reset_counts()
@@ -193,7 +202,9 @@ def _set_stored_etag(server_dir: Path, bucket: str, md5_hex: str, etag: str) -> 
 
 
 @pytest.mark.parametrize("etag_style", ["s3rver", "aws"])
-def test_multipart_object_is_fetched_whole_and_verified(capsys, s3rver_server, s3rver_env, s3c, sbucket, tmp_path, etag_style):
+def test_multipart_object_is_fetched_whole_and_verified(
+    capsys, s3rver_server, s3rver_env, s3c, sbucket, tmp_path, etag_style
+):
     # Three parts, the last one short. s3rver does not enforce AWS's 5 MiB minimum, so the parts are small.
     parts = [os.urandom(256 * 1024), os.urandom(256 * 1024), os.urandom(1000)]
     whole = b"".join(parts)
@@ -241,7 +252,9 @@ def test_changed_and_deleted_keys(capsys, s3rver_server, s3rver_env, s3c, sbucke
     assert s3rver_server.counts["GET"] == 3, s3rver_server.counts  # k1, k2, k5; nothing else
     new = _records(again)
     assert list(new) == [f"chg/k{i}_{i}.bin" for i in range(1, 6)]  # k0 dropped from the new manifest
-    assert new["chg/k1_1.bin"]["sha256"] == hashlib.sha256(b"version 2 of k1").hexdigest() != old["chg/k1_1.bin"]["sha256"]
+    assert (
+        new["chg/k1_1.bin"]["sha256"] == hashlib.sha256(b"version 2 of k1").hexdigest() != old["chg/k1_1.bin"]["sha256"]
+    )
     assert new["chg/k1_1.bin"]["etag"] == _quoted_md5(b"version 2 of k1")
     assert new["chg/k2_2.bin"]["sha256"] == hashlib.sha256(b"version 2 of k2, longer").hexdigest()
     assert new["chg/k3_3.bin"] == old["chg/k3_3.bin"]
@@ -339,8 +352,19 @@ def test_errors_are_one_line_exit_2_and_keep_the_cache(precious, s3rver_server, 
     elif case == "unreachable-endpoint":
         endpoint = f"http://127.0.0.1:{closed_port()}"
     # A child process, as a user runs it: fresh credentials, the real stderr (logging included).
-    proc = run_cli("fetch", uri, "--endpoint", endpoint, "--cache-dir", str(precious), "--no-progress",
-                   "--max-attempts", "2", env=env, timeout=60)
+    proc = run_cli(
+        "fetch",
+        uri,
+        "--endpoint",
+        endpoint,
+        "--cache-dir",
+        str(precious),
+        "--no-progress",
+        "--max-attempts",
+        "2",
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("tess: error: "), proc.stderr  # no traceback, no noise

@@ -19,9 +19,9 @@ import pytest
 
 from cache import CacheLayout, load_manifest
 from pipeline.config import ClientOptions, resolve_endpoint
-from pipeline.fetch import FetchConfig, fetch
-from pipeline.s3 import StorageError
-from pipeline.server import seed_objects
+from pipeline.fetch.stage import FetchConfig, fetch
+from pipeline.transport.boto import StorageError
+from pipeline.demo.server import seed_objects
 from tests.conftest import png_bytes
 from tests.faultproxy import FaultProxy
 from tests.helpers import closed_port, run_cli, server_process
@@ -32,8 +32,12 @@ ACCESS = "SENTINELAKID7F3A9C5E1B"
 TOKEN = "SENTINEL-TOKEN-7f3a9c5e1b2d4f60"
 PASSWORD = "SENTINEL-PASSWORD-7f3a9c"
 SENTINELS = (SECRET, ACCESS, TOKEN, PASSWORD)
-ENV = {"AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_SESSION_TOKEN": TOKEN,
-       "PYTHONUNBUFFERED": "1"}
+ENV = {
+    "AWS_ACCESS_KEY_ID": ACCESS,
+    "AWS_SECRET_ACCESS_KEY": SECRET,
+    "AWS_SESSION_TOKEN": TOKEN,
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 def _leaks(data: str | bytes) -> list[str]:
@@ -76,13 +80,33 @@ def test_no_secret_in_outputs_files_or_errors(s3_server, bucket, tmp_path, monke
     # A worker process meets a 403 on one object (through the fault proxy, with transient faults
     # around it): that object fails with the server's refusal in one line, the others are fetched.
     victim = f"img/x-{7:03d}_3.png"
-    with FaultProxy(ep, seed=5, rates={"500": 0.1, "reset": 0.1, "truncate": 0.1}, always={f"/{bucket}/{victim}": "403"},
-                    watch=SENTINELS) as proxy:
-        runs.append(_run("fetch, 403 on one object", "fetch", f"s3://{bucket}/img/", "--endpoint", proxy.endpoint, "-w", "2",
-                         "--max-attempts", "8", "--cache-dir", str(tmp_path / "cache-proxy"), "--no-progress"))
+    with FaultProxy(
+        ep,
+        seed=5,
+        rates={"500": 0.1, "reset": 0.1, "truncate": 0.1},
+        always={f"/{bucket}/{victim}": "403"},
+        watch=SENTINELS,
+    ) as proxy:
+        runs.append(
+            _run(
+                "fetch, 403 on one object",
+                "fetch",
+                f"s3://{bucket}/img/",
+                "--endpoint",
+                proxy.endpoint,
+                "-w",
+                "2",
+                "--max-attempts",
+                "8",
+                "--cache-dir",
+                str(tmp_path / "cache-proxy"),
+                "--no-progress",
+            )
+        )
     assert runs[-1][1].returncode == 3 and "access denied (AccessDenied)" in runs[-1][1].stderr, runs[-1][1].stderr
     assert [line for line in runs[-1][1].stderr.splitlines() if "AccessDenied" in line] == [
-        line for line in runs[-1][1].stderr.splitlines() if victim in line], runs[-1][1].stderr
+        line for line in runs[-1][1].stderr.splitlines() if victim in line
+    ], runs[-1][1].stderr
     # The sentinels were really in use: the key id and the token travel in every signed request (as
     # SigV4 requires); the secret key itself never goes on the wire.
     assert proxy.watched[ACCESS] == proxy.watched[TOKEN] == proxy.requests > 0, proxy.watched
@@ -91,12 +115,29 @@ def test_no_secret_in_outputs_files_or_errors(s3_server, bucket, tmp_path, monke
     with server_process(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as auth_ep:
         # Error paths, two processes at a time (each spends most of its time importing torch).
         jobs = [
-            ("fetch, unreachable endpoint", "fetch", "s3://bkt/p/", "--endpoint", f"http://127.0.0.1:{closed_port()}",
-             "--connect-timeout", "1", "--max-attempts", "2", *common),
+            (
+                "fetch, unreachable endpoint",
+                "fetch",
+                "s3://bkt/p/",
+                "--endpoint",
+                f"http://127.0.0.1:{closed_port()}",
+                "--connect-timeout",
+                "1",
+                "--max-attempts",
+                "2",
+                *common,
+            ),
             ("fetch, missing bucket", "fetch", "s3://no-such-bucket-secrets/p/", "--endpoint", ep, *common),
             ("fetch, empty prefix", "fetch", f"s3://{bucket}/nothing-here/", "--endpoint", ep, *common),
             ("fetch, unknown credentials (403)", "fetch", f"s3://{bucket}/img/", "--endpoint", auth_ep, *common),
-            ("fetch, password in --endpoint", "fetch", "s3://bkt/p/", "--endpoint", f"http://{ACCESS}:{PASSWORD}@127.0.0.1:1", *common),
+            (
+                "fetch, password in --endpoint",
+                "fetch",
+                "s3://bkt/p/",
+                "--endpoint",
+                f"http://{ACCESS}:{PASSWORD}@127.0.0.1:1",
+                *common,
+            ),
         ]
         with ThreadPoolExecutor(2) as pool:
             errors = list(pool.map(lambda job: _run(*job), jobs))
@@ -106,8 +147,15 @@ def test_no_secret_in_outputs_files_or_errors(s3_server, bucket, tmp_path, monke
             monkeypatch.setenv(k, v)
         raised = []
         with pytest.raises(StorageError) as info:
-            fetch(FetchConfig(prefix=f"s3://{bucket}/img/", options=ClientOptions(endpoint=auth_ep, max_attempts=1),
-                              cache_dir=tmp_path / "inproc", workers=0, progress=False))
+            fetch(
+                FetchConfig(
+                    prefix=f"s3://{bucket}/img/",
+                    options=ClientOptions(endpoint=auth_ep, max_attempts=1),
+                    cache_dir=tmp_path / "inproc",
+                    workers=0,
+                    progress=False,
+                )
+            )
         raised.append(info.value)
     with pytest.raises(ValueError) as info:
         ClientOptions(endpoint=f"http://{ACCESS}:{PASSWORD}@127.0.0.1:1")
@@ -129,8 +177,25 @@ def test_no_secret_in_outputs_files_or_errors(s3_server, bucket, tmp_path, monke
     assert "contains credentials" in errors[-1][1].stderr and "***@127.0.0.1:1" in errors[-1][1].stderr
 
     # Training on the fetched cache, one epoch, with every output file written.
-    runs.append(_run("train", "train_vae.py", "--epochs", "1", "-b", "16", "--device", "cpu", "--no-progress",
-                     "--cache-dir", str(cache), "--manifest", str(manifest), "--out", str(out)))
+    runs.append(
+        _run(
+            "train",
+            "train_vae.py",
+            "--epochs",
+            "1",
+            "-b",
+            "16",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--cache-dir",
+            str(cache),
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(out),
+        )
+    )
     assert runs[-1][1].returncode == 0, runs[-1][1].stderr
     assert {"checkpoint.pt", "metrics.csv", "summary.json"} <= {p.name for p in out.iterdir()}
 

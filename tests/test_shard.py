@@ -19,8 +19,8 @@ from cache.shard import (
     shard_mask,
     shard_of,
 )
-from pipeline.fetch import FetchConfig, fetch
-from pipeline.server import seed_objects
+from pipeline.fetch.stage import FetchConfig, fetch
+from pipeline.demo.server import seed_objects
 from tests.helpers import blob_count, run_cli
 
 N_KEYS = 300
@@ -33,8 +33,16 @@ def _items(start: int, stop: int, prefix: str = "sh/"):
 
 
 def _fetch(bucket, options, cache_dir, shard: ShardSpec | None, prefix: str = "sh/"):
-    return fetch(FetchConfig(prefix=f"s3://{bucket}/{prefix}", options=options, cache_dir=cache_dir, workers=0,
-                             progress=False, shard=shard))
+    return fetch(
+        FetchConfig(
+            prefix=f"s3://{bucket}/{prefix}",
+            options=options,
+            cache_dir=cache_dir,
+            workers=0,
+            progress=False,
+            shard=shard,
+        )
+    )
 
 
 def test_union_of_shard_manifests_is_the_listing_without_repeats(bucket, options, tmp_path):
@@ -145,7 +153,10 @@ def test_shard_from_env(environ, expected):
     [
         ({"NODE_RANK": "1"}, "NODE_RANK=1 but NNODES is not set; set both or pass --shard k/N (SHARD=k/N)"),
         ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK is not set; set both or pass --shard k/N (SHARD=k/N)"),
-        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK=x, WORLD_SIZE=2: both must be integers; set them or pass --shard k/N (SHARD=k/N)"),
+        (
+            {"RANK": "x", "WORLD_SIZE": "2"},
+            "RANK=x, WORLD_SIZE=2: both must be integers; set them or pass --shard k/N (SHARD=k/N)",
+        ),
         ({"NODE_RANK": "2", "NNODES": "2"}, "NODE_RANK=2, NNODES=2: index must be < count; use k/N with 0 <= k < N"),
     ],
 )
@@ -169,15 +180,26 @@ def test_resolve_shard_precedence():
 def test_cli_fetch_shard_from_env_and_bad_flag(s3_server, bucket, tmp_path):
     seed_objects(bucket, _items(0, 30))
     cache = tmp_path / "cache"
-    proc = run_cli("fetch", f"s3://{bucket}/sh/", "--endpoint", s3_server.endpoint, "--cache-dir", str(cache),
-                   "-w", "0", "--no-progress", env={"NODE_RANK": "1", "NNODES": "2"})
+    proc = run_cli(
+        "fetch",
+        f"s3://{bucket}/sh/",
+        "--endpoint",
+        s3_server.endpoint,
+        "--cache-dir",
+        str(cache),
+        "-w",
+        "0",
+        "--no-progress",
+        env={"NODE_RANK": "1", "NNODES": "2"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "fetching shard 1/2 (from NODE_RANK/NNODES)" in proc.stderr
     (manifest,) = CacheLayout(root=cache).manifests.glob("*.jsonl")
     header = json.loads(manifest.read_text().splitlines()[0])
     assert header["shard"] == "1/2" and header["count"] == sum(in_shard(k, ShardSpec(1, 2)) for k, _ in _items(0, 30))
 
-    bad = run_cli("fetch", f"s3://{bucket}/sh/", "--endpoint", s3_server.endpoint, "--cache-dir", str(cache),
-                  "--shard", "2/2")
+    bad = run_cli(
+        "fetch", f"s3://{bucket}/sh/", "--endpoint", s3_server.endpoint, "--cache-dir", str(cache), "--shard", "2/2"
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip() == "tess: error: SHARD '2/2': index must be < count; use k/N with 0 <= k < N"

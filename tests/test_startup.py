@@ -1,6 +1,6 @@
 """Start-up: each command imports only what it uses.
 
-``python -m pipeline fetch --help`` must answer without numpy, boto3, torch, tqdm or the mirror's event
+``tess fetch --help`` must answer without numpy, boto3, torch, tqdm or the mirror's event
 loop; ``import cache`` must import no submodule (and so no numpy) while every name of ``cache.__all__``
 stays importable; a re-fetch of a prefix the cache already holds (LIST only, no GET) must import neither
 boto3 nor torch nor PIL. Each check runs a fresh interpreter (this test process has imported everything) and
@@ -46,8 +46,14 @@ class Probe:
 
     def __init__(self, *argv: str) -> None:
         self.argv = argv
-        proc = subprocess.run([sys.executable, "-X", "importtime", "-c", _PROBE, *argv], cwd=ROOT, env=os.environ,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", _PROBE, *argv],
+            cwd=ROOT,
+            env=os.environ,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         head, sep, tail = proc.stderr.rpartition(_MARK)
         assert sep, f"the probe of {argv} did not finish (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
         report = json.loads(tail)
@@ -55,7 +61,9 @@ class Probe:
         self.modules = set(report["modules"])
         self.stdout = proc.stdout
         self.stderr = "\n".join(line for line in head.splitlines() if not line.startswith("import time:"))
-        self._importtime = [line for line in head.splitlines() if line.startswith("import time:") and "[us]" not in line]
+        self._importtime = [
+            line for line in head.splitlines() if line.startswith("import time:") and "[us]" not in line
+        ]
 
     def chain(self, module: str) -> str:
         """``module <- its importer <- ...`` for the first import of ``module``, from ``-X importtime``
@@ -65,12 +73,15 @@ class Probe:
             name = line.split("|", 2)[2]
             rows.append((len(name) - len(name.lstrip()), name.strip()))
         names = [n for _, n in rows]
-        first = names.index(module) if module in names else next(
-            (i for i, n in enumerate(names) if n.startswith(module + ".")), None)
+        first = (
+            names.index(module)
+            if module in names
+            else next((i for i, n in enumerate(names) if n.startswith(module + ".")), None)
+        )
         for i, (depth, name) in enumerate(rows):
             if i == first:
                 out = [name]
-                for d, n in rows[i + 1:]:
+                for d, n in rows[i + 1 :]:
                     if d < depth:
                         out.append(n)
                         depth = d
@@ -79,8 +90,10 @@ class Probe:
 
     def assert_not_imported(self, module: str, why: str) -> None:
         loaded = sorted(m for m in self.modules if m == module or m.startswith(module + "."))
-        assert not loaded, (f"{' '.join(self.argv)!r} imported {module} ({why}): {self.chain(module)}; "
-                            f"import it inside the function that uses it")
+        assert not loaded, (
+            f"{' '.join(self.argv)!r} imported {module} ({why}): {self.chain(module)}; "
+            f"import it inside the function that uses it"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +106,9 @@ def fetch_help() -> Probe:
 
 # Beside HEAVY: asyncio and the mirror (~60 ms: the event loop, thread pools, the body checks), the fetch
 # stage itself, and the manifest format (numpy).
-@pytest.mark.parametrize("module", [*HEAVY, "asyncio", "pipeline.mirror", "pipeline.fetch", "cache.manifest"])
+@pytest.mark.parametrize(
+    "module", [*HEAVY, "asyncio", "pipeline.fetch.mirror", "pipeline.fetch.stage", "cache.manifest"]
+)
 def test_fetch_help_imports_only_the_parser(fetch_help, module):
     fetch_help.assert_not_imported(module, "parsing `fetch --help` needs only argparse and pipeline.config")
 
@@ -105,7 +120,12 @@ def parser_exit() -> dict[tuple[str, ...], Probe]:
 
 
 # Command lines that the parser answers alone, with their exit codes (2: argparse's error).
-PARSER_EXITS = [(("--help",), 0), (("upload", "--help"), 0), (("verify", "--help"), 0), (("fetch", "--workers", "x"), 2)]
+PARSER_EXITS = [
+    (("--help",), 0),
+    (("upload", "--help"), 0),
+    (("verify", "--help"), 0),
+    (("fetch", "--workers", "x"), 2),
+]
 
 
 @pytest.mark.parametrize(("argv", "code"), PARSER_EXITS, ids=[" ".join(a) for a, _ in PARSER_EXITS])
@@ -132,13 +152,27 @@ def test_import_cache_imports_no_submodule(bare_cache, module):
 
 # Every name cache/__init__.py exported before its exports became lazy, with the module defining it.
 CACHE_EXPORTS = {
-    "GC_LOCK": "cache.locks", "MANIFEST_FORMAT": "cache.manifest", "BlobStore": "cache.blobs",
-    "BlobWriteError": "cache.blobs", "CacheLayout": "cache.layout", "ManifestArrays": "cache.manifest",
-    "ManifestHeader": "cache.manifest", "ManifestRecord": "cache.manifest", "S3Uri": "cache.uri",
-    "ShardSpec": "cache.shard", "atomic_write_bytes": "cache.atomic", "atomic_writer": "cache.atomic",
-    "default_cache_dir": "cache.layout", "latest_manifest": "cache.manifest", "list_manifests": "cache.manifest",
-    "load_manifest": "cache.manifest", "manifest_name": "cache.manifest", "manifests_of": "cache.manifest",
-    "read_key_list": "cache.manifest", "read_manifest_header": "cache.manifest", "write_manifest": "cache.manifest",
+    "GC_LOCK": "cache.locks",
+    "MANIFEST_FORMAT": "cache.manifest",
+    "BlobStore": "cache.blobs",
+    "BodyCheckError": "cache.checks",
+    "CacheLayout": "cache.layout",
+    "ManifestArrays": "cache.manifest",
+    "ManifestHeader": "cache.manifest",
+    "ManifestRecord": "cache.manifest",
+    "S3Uri": "cache.uri",
+    "ShardSpec": "cache.shard",
+    "atomic_write_bytes": "cache.atomic",
+    "atomic_writer": "cache.atomic",
+    "default_cache_dir": "cache.layout",
+    "latest_manifest": "cache.manifest",
+    "list_manifests": "cache.manifest",
+    "load_manifest": "cache.manifest",
+    "manifest_name": "cache.manifest",
+    "manifests_of": "cache.manifest",
+    "read_key_list": "cache.manifest",
+    "read_manifest_header": "cache.manifest",
+    "write_manifest": "cache.manifest",
 }
 
 _STAR = """
@@ -158,8 +192,9 @@ print(json.dumps({
 
 @pytest.fixture(scope="module")
 def star_import() -> dict[str, list[str]]:
-    proc = subprocess.run([sys.executable, "-c", _STAR, json.dumps(CACHE_EXPORTS)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _STAR, json.dumps(CACHE_EXPORTS)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -171,8 +206,9 @@ def test_cache_all_is_unchanged(star_import):
 
 @pytest.mark.parametrize("name", sorted(CACHE_EXPORTS))
 def test_every_cache_export_resolves(star_import, name):
-    assert name in star_import["same"], (f"`from cache import *` in a fresh interpreter did not bind {name} to "
-                                         f"{CACHE_EXPORTS[name]}.{name}")
+    assert name in star_import["same"], (
+        f"`from cache import *` in a fresh interpreter did not bind {name} to {CACHE_EXPORTS[name]}.{name}"
+    )
     assert name in star_import["dir"], f"dir(cache) lacks {name}"
 
 
@@ -185,12 +221,12 @@ def test_cache_unknown_name_is_an_attribute_error():
 
 
 def test_sync_flag_values_are_the_mirrors():
-    """``--sync`` is built from pipeline.config (cheap); the mirror applies pipeline.mirror's SyncPolicy:
+    """``--sync`` is built from pipeline.config (cheap); the mirror applies pipeline.fetch.mirror's SyncPolicy:
     both must name the same policies and default."""
     from pipeline.cli import build_parser
     from pipeline.config import DEFAULT_SYNC, SyncPolicy
-    from pipeline.mirror import MirrorSettings
-    from pipeline.mirror import SyncPolicy as MirrorSync
+    from pipeline.fetch.mirror import MirrorSettings
+    from pipeline.fetch.mirror import SyncPolicy as MirrorSync
 
     assert [p.value for p in SyncPolicy] == [p.value for p in MirrorSync]
     assert DEFAULT_SYNC.value == MirrorSettings().sync.value
@@ -202,13 +238,23 @@ def test_sync_flag_values_are_the_mirrors():
 
 @pytest.fixture(scope="module")
 def noop_refetch(s3_server, tmp_path_factory) -> Probe:
-    from pipeline.server import seed_objects
+    from pipeline.demo.server import seed_objects
 
     bucket = "tess-startup"
     seed_objects(bucket, [(f"imgs/{i:03d}_{i % 3}.png", b"\x89PNG not really %d" % i) for i in range(20)])
     cache_dir = str(tmp_path_factory.mktemp("startup-cache"))
-    argv = ("fetch", f"s3://{bucket}/imgs/", "--endpoint", s3_server.endpoint, "--cache-dir", cache_dir, "--no-progress")
-    first = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    argv = (
+        "fetch",
+        f"s3://{bucket}/imgs/",
+        "--endpoint",
+        s3_server.endpoint,
+        "--cache-dir",
+        cache_dir,
+        "--no-progress",
+    )
+    first = subprocess.run(
+        [sys.executable, "-m", "pipeline", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert first.returncode == 0, first.stderr
     s3_server.reset_counts()
     probe = Probe("-m", "pipeline", *argv)
@@ -220,6 +266,8 @@ def noop_refetch(s3_server, tmp_path_factory) -> Probe:
 
 # boto3/botocore: fetch signs its own requests (credentials from the environment here); torch and the
 # datasets: workers=0 never starts a DataLoader; PIL: fetch stores bytes, it never decodes them.
-@pytest.mark.parametrize("module", ["boto3", "botocore", "torch", "PIL", "pipeline.datasets", "pipeline.demo"])
+@pytest.mark.parametrize(
+    "module", ["boto3", "botocore", "torch", "PIL", "pipeline.data.datasets", "pipeline.demo.demo_set"]
+)
 def test_noop_refetch_imports_nothing_it_does_not_use(noop_refetch, module):
     noop_refetch.assert_not_imported(module, "every listed object was cached: LIST only, no GET")

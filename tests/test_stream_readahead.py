@@ -1,4 +1,4 @@
-"""Streaming with read-ahead (``DSSDataset`` + ``pipeline.readahead``): the same items as plain ``__getitem__``,
+"""Streaming with read-ahead (``DSSDataset`` + ``pipeline.data.readahead``): the same items as plain ``__getitem__``,
 one GET per object per epoch, a bounded window, failures as before, and ``--cache-as-you-go``.
 
 The GETs are counted at the server (moto behind tess's counting middleware) or by a fake getter that also
@@ -17,11 +17,11 @@ from cache.checks import Expected
 from cache.layout import CacheLayout
 from cache.manifest import load_manifest, manifests_of
 from pipeline.config import S3Uri, TrainConfig
-from pipeline.datasets import DSSDataset
-from pipeline.images import UndecodableImage
-from pipeline.listing import Listing
-from pipeline.mirror import Mirror, MirrorSettings
-from pipeline.readahead import ReadAheadPlan, StreamBatches, TaggedBatch
+from pipeline.data.datasets import DSSDataset
+from pipeline.data.images import UndecodableImage
+from pipeline.fetch.listing import Listing
+from pipeline.fetch.mirror import Mirror, MirrorSettings
+from pipeline.data.readahead import ReadAheadPlan, StreamBatches, TaggedBatch
 from pipeline.transport.errors import StorageError
 from pipeline.transport.listing import ObjectInfo
 from tests.conftest import png_bytes
@@ -74,7 +74,9 @@ class FakeDSS(DSSDataset):
 
     def __init__(self, getter: CountingGetter, **kw) -> None:
         self.getter = getter
-        objs = [ObjectInfo(key=k, etag=_etag(v), size=len(v), last_modified="") for k, v in sorted(getter.objects.items())]
+        objs = [
+            ObjectInfo(key=k, etag=_etag(v), size=len(v), last_modified="") for k, v in sorted(getter.objects.items())
+        ]
         super().__init__(f"s3://{BUCKET}/p/", listing=Listing.from_objects(objs, prefix="p/"), image_size=None, **kw)
 
     def _mirrors(self, store):
@@ -105,7 +107,7 @@ def test_one_get_per_object_and_the_window_stays_within_prefetch_batches(prefetc
         assert sum(len(x) for x in got) == n
         # Exactly one GET per object per epoch: nothing fetched twice, nothing fetched past the epoch's end.
         assert len(ds.getter.gets) == n * (epoch + 1)
-        assert sorted(ds.getter.gets[n * epoch:]) == sorted(ds.getter.objects)
+        assert sorted(ds.getter.gets[n * epoch :]) == sorted(ds.getter.objects)
         assert ds._stream().prefetcher.held() == 0
     # In flight (or arrived and not yet asked for): never more than `prefetch` batches, and read-ahead really
     # filled them; with the batch being handed over, `prefetch + 1` batches of bytes at most.
@@ -179,7 +181,9 @@ def test_read_ahead_items_are_those_of_plain_getitem(s3_server, put, bucket, opt
     ds = Probe(f"s3://{bucket}/ra/", options=options, client_num=2, image_size=None, prefetch=prefetch)
     plain = [DSSDataset.__getitems__(ds, [i])[0] for i in range(n)]
     sampler = ds.sampler(batch_size=b, shuffle=True, seed=2)
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=_keep, persistent_workers=workers > 0)
+    loader = DataLoader(
+        ds, batch_sampler=sampler, num_workers=workers, collate_fn=_keep, persistent_workers=workers > 0
+    )
     orders = []
     for epoch in range(2):
         sampler.set_epoch(epoch)
@@ -208,8 +212,9 @@ def test_a_missing_object_fails_as_before(s3_client, put, bucket, options, worke
     with pytest.raises(StorageError) as plain:
         ds[7]
     assert key in str(plain.value)
-    loader = DataLoader(StreamBatches(ds, skip_bad=True), sampler=ds.sampler(batch_size=4, seed=0), batch_size=None,
-                        num_workers=workers)
+    loader = DataLoader(
+        StreamBatches(ds, skip_bad=True), sampler=ds.sampler(batch_size=4, seed=0), batch_size=None, num_workers=workers
+    )
     with pytest.raises(StorageError) as streamed:  # not skipped by --on-bad-sample skip: a GET failure stops, as always
         list(loader)
     assert plain.value.args[0] in str(streamed.value)
@@ -227,7 +232,7 @@ def test_an_undecodable_image_is_skipped_or_stops_as_before(put, bucket, options
 
 
 def test_cache_as_you_go_pins_a_manifest_after_epoch_one_and_epoch_two_reads_the_disk(s3_server, put, bucket, tmp_path):
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     n = 24
     data = {f"cg/img-{i:03d}_{i % 2}.png": png_bytes(i) for i in range(n)}
@@ -235,8 +240,20 @@ def test_cache_as_you_go_pins_a_manifest_after_epoch_one_and_epoch_two_reads_the
         put(k, v)
     cache = tmp_path / "cache"
     s3_server.reset_counts()
-    s = train(TrainConfig(epochs=2, batch=8, workers=2, source="s3", prefix=f"s3://{bucket}/cg/", cache_as_you_go=True,
-                          endpoint=s3_server.endpoint, out=str(tmp_path / "run"), progress=False, cache_dir=str(cache)))
+    s = train(
+        TrainConfig(
+            epochs=2,
+            batch=8,
+            workers=2,
+            source="s3",
+            prefix=f"s3://{bucket}/cg/",
+            cache_as_you_go=True,
+            endpoint=s3_server.endpoint,
+            out=str(tmp_path / "run"),
+            progress=False,
+            cache_dir=str(cache),
+        )
+    )
     assert s.images == 2 * n
     assert s3_server.counts["GET"] == n  # epoch 2 and the pictures read the cache
     (path,) = manifests_of(CacheLayout.at(cache), S3Uri.parse(f"s3://{bucket}/cg/"))
@@ -245,8 +262,16 @@ def test_cache_as_you_go_pins_a_manifest_after_epoch_one_and_epoch_two_reads_the
     for i in range(n):
         assert m.sha_hex(i) == hashlib.sha256(data[m.keys[i]]).hexdigest() and m.label[i] == int(m.keys[i][-5])
     # ... and the cache trains on its own.
-    again = train(TrainConfig(epochs=1, batch=8, prefix=f"s3://{bucket}/cg/", cache_dir=str(cache), progress=False,
-                              out=str(tmp_path / "run2")))
+    again = train(
+        TrainConfig(
+            epochs=1,
+            batch=8,
+            prefix=f"s3://{bucket}/cg/",
+            cache_dir=str(cache),
+            progress=False,
+            out=str(tmp_path / "run2"),
+        )
+    )
     assert again.images == n and again.source == "cache"
 
 

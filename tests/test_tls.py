@@ -38,10 +38,14 @@ def tls_s3rver(tmp_path_factory, fake_credentials):
     certs = make_ca_and_cert(tmp_path_factory.mktemp("certs"))
     with S3rverServer(modules=modules, tls=(certs.cert, certs.key, certs.ca)) as server:
         s3 = boto3.session.Session(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY).client(
-            "s3", endpoint_url=server.endpoint, region_name="us-east-1", verify=str(certs.ca),
+            "s3",
+            endpoint_url=server.endpoint,
+            region_name="us-east-1",
+            verify=str(certs.ca),
             # Over HTTPS botocore would send the body aws-chunked with a checksum trailer, which s3rver
             # stores as it is (framing included).
-            config=botocore.config.Config(request_checksum_calculation="when_required"))
+            config=botocore.config.Config(request_checksum_calculation="when_required"),
+        )
         s3.create_bucket(Bucket=BUCKET)
         for key, data in OBJECTS.items():
             s3.put_object(Bucket=BUCKET, Key=key, Body=data)
@@ -53,15 +57,29 @@ def env(tls_s3rver, tmp_path):
     """The environment of a user with s3rver's keys and no CA named anywhere."""
     from s3rver import ACCESS_KEY, SECRET_KEY
 
-    e = {k: v for k, v in os.environ.items() if k not in ("AWS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR",
-                                                           "REQUESTS_CA_BUNDLE")}
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("AWS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE")
+    }
     e.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_CONFIG_FILE=os.devnull)
     return e
 
 
 def _fetch(server, cache_dir, env, *flags):
-    cmd = [sys.executable, "-m", "pipeline", "fetch", f"s3://{BUCKET}/t/", "--endpoint", server.endpoint,
-           "--cache-dir", str(cache_dir), "--no-progress", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "fetch",
+        f"s3://{BUCKET}/t/",
+        "--endpoint",
+        server.endpoint,
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+        *flags,
+    ]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     return proc, time.monotonic() - t0
@@ -112,7 +130,8 @@ def test_a_ca_bundle_that_does_not_exist_is_named(tls_s3rver, env, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"tess: error: the CA bundle {str(tmp_path / 'nope.pem')!r} (from AWS_CA_BUNDLE) does not exist; pass the path "
-        "of a PEM file with the CA that signed the server's certificate"]
+        "of a PEM file with the CA that signed the server's certificate"
+    ]
 
 
 def test_no_verify_ssl_fetches_and_warns(tls_s3rver, env, tmp_path):

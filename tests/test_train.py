@@ -12,12 +12,12 @@ from PIL import Image
 
 from cache import BlobStore, CacheLayout, write_manifest
 from cache.manifest import ManifestRecord
-from pipeline.datasets import CachedImageDataset
-from pipeline.demo import demo_items
-from pipeline.server import seed_objects
+from pipeline.data.datasets import CachedImageDataset
+from pipeline.demo.demo_set import demo_items
+from pipeline.demo.server import seed_objects
 from pipeline.config import TrainConfig
-from pipeline.outputs import METRIC_COLUMNS
-from pipeline.train import train
+from pipeline.train.outputs import METRIC_COLUMNS
+from pipeline.train.loop import train
 from tests.helpers import run_cli
 
 N = 48
@@ -50,7 +50,7 @@ def test_cached_dataset_reads_decodes_and_labels(manifest, cache_dir):
     x, y = ds[7]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert y == 7
-    from pipeline.demo import demo_image
+    from pipeline.demo.demo_set import demo_image
 
     expected = torch.from_numpy(np.asarray(demo_image(7))).permute(2, 0, 1).float() / 255
     assert torch.allclose(x, expected)
@@ -78,14 +78,18 @@ def test_missing_manifest_is_one_line_with_fix(tmp_path):
     assert proc.stderr.strip().count("\n") == 0
     # Every suggested command carries the user's CACHE_DIR, ready to paste.
     assert f"run `make fetch CACHE_DIR={tmp_path / 'empty'}`" in proc.stderr
-    assert f"`python -m pipeline fetch --cache-dir {tmp_path / 'empty'}`" in proc.stderr
+    assert f"`tess fetch --cache-dir {tmp_path / 'empty'}`" in proc.stderr
 
 
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
-    [({"epochs": 0}, "epochs=0 must be >= 1"), ({"batch": 0}, "batch=0 must be >= 1"),
-     ({"source": "ftp"}, "source='ftp' must be one of cache, s3"), ({"device": "tpu"}, "device='tpu' must be auto"),
-     ({"image_size": 30}, "power of two")],
+    [
+        ({"epochs": 0}, "epochs=0 must be >= 1"),
+        ({"batch": 0}, "batch=0 must be >= 1"),
+        ({"source": "ftp"}, "source='ftp' must be one of cache, s3"),
+        ({"device": "tpu"}, "device='tpu' must be auto"),
+        ({"image_size": 30}, "power of two"),
+    ],
 )
 def test_train_config_rejects(tmp_path, kwargs, fragment):
     with pytest.raises(ValueError) as e:
@@ -103,7 +107,7 @@ def test_training_writes_outputs(manifest, cache_dir, tmp_path, pack):
     assert len(rows) == 2 * 3 and [int(r["iteration"]) for r in rows] == list(range(6))
     for r in rows:
         assert abs(float(r["batch_time"]) - float(r["dataloading_time"]) - float(r["training_time"])) < 1e-5
-    from pipeline.plots import GRID_PAD  # sizes follow the documented formula
+    from pipeline.train.plots import GRID_PAD  # sizes follow the documented formula
 
     sizes = {name: Image.open(out / name).size for name in ("reconstructions.png", "samples.png", "loss.png")}
     assert sizes["loss.png"] == (800, 450)
@@ -159,8 +163,20 @@ def test_corrupt_blob_stops_with_key_or_is_skipped(manifest, cache_dir, tmp_path
 def test_train_streams_from_s3(s3_server, bucket, tmp_path):
     seed_objects(bucket, demo_items(40, prefix="stream/"))
     out = tmp_path / "s3run"
-    s = train(TrainConfig(epochs=1, batch=8, workers=2, clients=2, source="s3", prefix=f"s3://{bucket}/stream/",
-                          endpoint=s3_server.endpoint, out=str(out), progress=False, cache_dir=str(tmp_path / "nocache")))
+    s = train(
+        TrainConfig(
+            epochs=1,
+            batch=8,
+            workers=2,
+            clients=2,
+            source="s3",
+            prefix=f"s3://{bucket}/stream/",
+            endpoint=s3_server.endpoint,
+            out=str(out),
+            progress=False,
+            cache_dir=str(tmp_path / "nocache"),
+        )
+    )
     assert s.images == 40 and s.source == "s3" and s.iterations == 5
     assert (out / "reconstructions.png").is_file()
     assert not (tmp_path / "nocache").exists()  # streaming never touches the cache

@@ -13,19 +13,23 @@ from PIL import Image
 
 from cache import BlobStore, CacheLayout, load_manifest, write_manifest
 from cache.manifest import ManifestRecord
-from pipeline.cached_dataset import BadSample, CachedImageDataset
-from pipeline.demo import demo_items
-from pipeline.fetch import FetchConfig, fetch
-from pipeline.images import IMG_EXTENSIONS, image_indices, parse_extensions
-from pipeline.server import seed_objects
+from pipeline.data.cached_dataset import BadSample, CachedImageDataset
+from pipeline.demo.demo_set import demo_items
+from pipeline.fetch.stage import FetchConfig, fetch
+from pipeline.data.images import IMG_EXTENSIONS, image_indices, parse_extensions
+from pipeline.demo.server import seed_objects
 from pipeline.config import TrainConfig
-from pipeline.train import train
+from pipeline.train.loop import train
 from tests.conftest import png_bytes
 from tests.helpers import ROOT, run_cli
 
 N_IMAGES = 16
-OTHERS = {"shapes/README.txt": b"digits, 10 classes\n", "shapes/_SUCCESS": b"", "shapes/.DS_Store": b"\x00\x00\x00\x01Bud1",
-          "shapes/labels.csv": b"key,label\n"}
+OTHERS = {
+    "shapes/README.txt": b"digits, 10 classes\n",
+    "shapes/_SUCCESS": b"",
+    "shapes/.DS_Store": b"\x00\x00\x00\x01Bud1",
+    "shapes/labels.csv": b"key,label\n",
+}
 
 
 def make_mixed_cache(root, extra: dict[str, bytes] | None = None):
@@ -37,7 +41,9 @@ def make_mixed_cache(root, extra: dict[str, bytes] | None = None):
         sha, _ = store.put_bytes(data)
         label = int(key[-5]) if key[-5].isdigit() else -1
         recs.append(ManifestRecord(key=key, sha256=sha, size=len(data), etag="", last_modified="", label=label))
-    return write_manifest(CacheLayout(root=root), endpoint="http://127.0.0.1:9", bucket="demo", prefix="shapes/", records=recs)
+    return write_manifest(
+        CacheLayout(root=root), endpoint="http://127.0.0.1:9", bucket="demo", prefix="shapes/", records=recs
+    )
 
 
 def _cfg(cache_dir, out, **kw):
@@ -46,14 +52,23 @@ def _cfg(cache_dir, out, **kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize(("text", "expected"), [(".png,.JPG", (".png", ".jpg")), ("png, jpeg", (".png", ".jpeg")),
-                                                 (["webp", ".webp"], (".webp",))])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(".png,.JPG", (".png", ".jpg")), ("png, jpeg", (".png", ".jpeg")), (["webp", ".webp"], (".webp",))],
+)
 def test_parse_extensions(text, expected):
     assert parse_extensions(text) == expected
 
 
-@pytest.mark.parametrize(("text", "fragment"), [("", "names no extension"), (",", "names no extension"),
-                                                 ("a/b", "is not a file extension"), (". png", "is not a file extension")])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "names no extension"),
+        (",", "names no extension"),
+        ("a/b", "is not a file extension"),
+        (". png", "is not a file extension"),
+    ],
+)
 def test_parse_extensions_rejects(text, fragment):
     with pytest.raises(ValueError) as e:
         parse_extensions(text)
@@ -149,23 +164,39 @@ def test_network_cost_is_the_downloading_fetch_not_the_no_op_one(s3_server, buck
     seed_objects(bucket, [("net/img-0_0.png", png_bytes(99, size=16))])  # one object changes
     third = fetch(cfg)
     grown = load_manifest(third.manifest).header.network
-    assert grown["runs"] == 2 and grown["objects"] == 21 and grown["bytes"] == cost["bytes"] + third.summary.bytes_fetched
+    assert (
+        grown["runs"] == 2 and grown["objects"] == 21 and grown["bytes"] == cost["bytes"] + third.summary.bytes_fetched
+    )
     s = train(_cfg(tmp_path / "cache", tmp_path / "out"))
     assert s.network == grown and s.network_cost_s == grown["seconds"]
     assert "2 fetch runs that downloaded" in s.report(str(tmp_path / "out"))
 
 
 def test_make_train_passes_on_bad_sample_extensions_and_threads():
-    proc = subprocess.run(["make", "-n", "train", "ON_BAD_SAMPLE=skip", "EXTENSIONS=.png,.jpg", "THREADS=1"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["make", "-n", "train", "ON_BAD_SAMPLE=skip", "EXTENSIONS=.png,.jpg", "THREADS=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     line = [ln for ln in proc.stdout.splitlines() if "train_vae.py" in ln][-1]
     assert "--on-bad-sample skip" in line and "--extensions .png,.jpg" in line and "--threads 1" in line
 
 
 def test_train_cli_extensions_flag_reaches_the_run(tmp_path):
     make_mixed_cache(tmp_path / "cache", {"shapes/extra_3.jpg": png_bytes(3)})
-    proc = run_cli("train_vae.py", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--no-progress",
-                   "--extensions", ".JPG", module="")
+    proc = run_cli(
+        "train_vae.py",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+        "--extensions",
+        ".JPG",
+        module="",
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["images"] == 1
     assert f"ignored {N_IMAGES + len(OTHERS)} keys" in proc.stdout
@@ -192,7 +223,7 @@ def test_training_defaults_to_one_intra_op_thread(tmp_path):
 def test_more_threads_wait_passively(monkeypatch, tmp_path, threads, policy):
     import os
 
-    import pipeline.train
+    import pipeline.train.loop
     import train_vae
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
@@ -202,6 +233,6 @@ def test_more_threads_wait_passively(monkeypatch, tmp_path, threads, policy):
         seen.update(threads=config.threads, policy=os.environ.get("OMP_WAIT_POLICY"))
         raise ValueError("stop here")
 
-    monkeypatch.setattr(pipeline.train, "train", fake_train)
+    monkeypatch.setattr(pipeline.train.loop, "train", fake_train)
     assert train_vae.main(["--threads", threads, "--out", str(tmp_path / "o")]) == 2
     assert seen == {"threads": int(threads), "policy": policy}

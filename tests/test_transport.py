@@ -48,7 +48,9 @@ def test_signer_matches_botocore_byte_for_byte(key, extra, token):
     creds = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
     host = "127.0.0.1:9000"
     path = "/bucket/" + urllib.parse.quote(key, safe="/~")
-    req = AWSRequest(method="GET", url=f"http://{host}{path}", headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD", **extra})
+    req = AWSRequest(
+        method="GET", url=f"http://{host}{path}", headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD", **extra}
+    )
     _UnsignedPayload(creds, "s3", "eu-west-3").add_auth(req)
     when = dt.datetime.strptime(req.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
     ours = Signer(_Static(creds), "eu-west-3").headers("GET", host, path, "", extra, now=when)
@@ -61,11 +63,19 @@ def test_signer_matches_botocore_byte_for_byte(key, extra, token):
 @pytest.mark.parametrize("prefix", ["", "p/", "sp ace/+plus&amp=%/ünï"])
 def test_signer_matches_botocore_with_a_query(method, prefix):
     creds = Credentials("AKIDEXAMPLE", "secret")
-    params = [("list-type", "2"), ("prefix", prefix), ("max-keys", "1000"), ("encoding-type", "url"),
-              ("continuation-token", "1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM=")]
+    params = [
+        ("list-type", "2"),
+        ("prefix", prefix),
+        ("max-keys", "1000"),
+        ("encoding-type", "url"),
+        ("continuation-token", "1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM="),
+    ]
     query = query_string(params)
-    req = AWSRequest(method=method, url=f"https://s3.example.com/bucket?{query}",
-                     headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+    req = AWSRequest(
+        method=method,
+        url=f"https://s3.example.com/bucket?{query}",
+        headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"},
+    )
     _UnsignedPayload(creds, "s3", "us-east-1").add_auth(req)
     when = dt.datetime.strptime(req.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
     ours = Signer(_Static(creds), "us-east-1").headers(method, "s3.example.com", "/bucket", query, now=when)
@@ -75,20 +85,34 @@ def test_signer_matches_botocore_with_a_query(method, prefix):
 def test_the_signing_key_follows_the_day_and_the_secret():
     creds = Credentials("AK", "secret-1")
     signer = Signer(_Static(creds), "us-east-1")
-    day1 = signer.headers("GET", "h", "/b/k", now=dt.datetime(2026, 1, 1, 23, 59, tzinfo=dt.timezone.utc))["authorization"]
-    day2 = signer.headers("GET", "h", "/b/k", now=dt.datetime(2026, 1, 2, 0, 1, tzinfo=dt.timezone.utc))["authorization"]
+    day1 = signer.headers("GET", "h", "/b/k", now=dt.datetime(2026, 1, 1, 23, 59, tzinfo=dt.timezone.utc))[
+        "authorization"
+    ]
+    day2 = signer.headers("GET", "h", "/b/k", now=dt.datetime(2026, 1, 2, 0, 1, tzinfo=dt.timezone.utc))[
+        "authorization"
+    ]
     assert "20260101/us-east-1" in day1 and "20260102/us-east-1" in day2
     creds.secret_key = "secret-2"  # as a refresh would
-    again = signer.headers("GET", "h", "/b/k", now=dt.datetime(2026, 1, 2, 0, 1, tzinfo=dt.timezone.utc))["authorization"]
+    again = signer.headers("GET", "h", "/b/k", now=dt.datetime(2026, 1, 2, 0, 1, tzinfo=dt.timezone.utc))[
+        "authorization"
+    ]
     assert again.split("Signature=")[1] != day2.split("Signature=")[1]
 
 
-@pytest.mark.parametrize(("endpoint", "bucket", "host", "path"), [
-    ("http://127.0.0.1:9000", "b", "127.0.0.1:9000", "/b/k%20x"),  # custom endpoints: path style
-    ("https://rgw.example.com/base", "b", "rgw.example.com", "/base/b/k%20x"),
-    (None, "my-bucket", "my-bucket.s3.eu-west-1.amazonaws.com", "/k%20x"),  # AWS: virtual-hosted
-    (None, "dotted.bucket", "s3.eu-west-1.amazonaws.com", "/dotted.bucket/k%20x"),  # its TLS certificate needs path style
-])
+@pytest.mark.parametrize(
+    ("endpoint", "bucket", "host", "path"),
+    [
+        ("http://127.0.0.1:9000", "b", "127.0.0.1:9000", "/b/k%20x"),  # custom endpoints: path style
+        ("https://rgw.example.com/base", "b", "rgw.example.com", "/base/b/k%20x"),
+        (None, "my-bucket", "my-bucket.s3.eu-west-1.amazonaws.com", "/k%20x"),  # AWS: virtual-hosted
+        (
+            None,
+            "dotted.bucket",
+            "s3.eu-west-1.amazonaws.com",
+            "/dotted.bucket/k%20x",
+        ),  # its TLS certificate needs path style
+    ],
+)
 def test_addressing(endpoint, bucket, host, path):
     client = S3Client(ClientOptions(endpoint=endpoint, region="eu-west-1"), creds=_Static(Credentials("a", "b")))
     _, got_host, got_path = client._route(bucket, "k x")
@@ -121,7 +145,9 @@ def test_gets_whole_streamed_and_ranged_bodies_from_moto(s3_server, s3_client, b
     assert missing.value.kind is FailureKind.MISSING
     with pytest.raises(GetFailure) as changed:
         _get(getter, "h/small", if_match='"not-the-etag"')
-    assert changed.value.kind is FailureKind.CHANGED and "changed while it was being fetched (412" in changed.value.message
+    assert (
+        changed.value.kind is FailureKind.CHANGED and "changed while it was being fetched (412" in changed.value.message
+    )
     with pytest.raises(GetFailure) as longer:  # more bytes than the listing pinned: never read past it
         _get(getter, "h/small", size=len(small) - 1)
     assert longer.value.kind is FailureKind.TRANSIENT and "more than the 8 bytes expected" in longer.value.message

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.server import seed_objects
+from pipeline.demo.server import seed_objects
 from tests.conftest import png_bytes
 from tests.helpers import ROOT
 from tests.test_train import make_cache
@@ -69,8 +69,20 @@ def root_owned():
     """A world-readable folder owned by root (``nobody`` may read it, not write it), with a home for nobody."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to run a command as nobody")
-    probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
-                            "-c", "import pipeline, train_vae"], cwd=ROOT, capture_output=True, text=True)
+    probe = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "import pipeline, train_vae",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
         # e.g. a checkout under a 0700 folder (mktemp -d): nobody cannot even import tess there.
         pytest.skip(f"nobody cannot read this checkout ({probe.stderr.strip().splitlines()[-1][:120]})")
@@ -98,8 +110,11 @@ def test_fetch_into_a_read_only_cache_dir(ro_disk, few_objects):
 
 def test_fetch_into_a_cache_dir_without_permission(root_owned, few_objects):
     prefix, endpoint = few_objects
-    proc = _run(["fetch", prefix, "--endpoint", endpoint, "--cache-dir", str(root_owned / "cache"), "--no-progress"],
-                as_nobody=True, home=root_owned / "nobody-home")
+    proc = _run(
+        ["fetch", prefix, "--endpoint", endpoint, "--cache-dir", str(root_owned / "cache"), "--no-progress"],
+        as_nobody=True,
+        home=root_owned / "nobody-home",
+    )
     _one_line(proc, "permission denied", "--cache-dir")
 
 
@@ -107,7 +122,9 @@ def test_train_into_a_read_only_out(ro_disk, tmp_path):
     cache = tmp_path / "cache"
     make_cache(cache, 16)
     ro_disk.freeze()
-    proc = _run(["train_vae.py", "--cache-dir", str(cache), "--out", str(ro_disk / "run"), "--no-progress"], module=False)
+    proc = _run(
+        ["train_vae.py", "--cache-dir", str(cache), "--out", str(ro_disk / "run"), "--no-progress"], module=False
+    )
     _one_line(proc, "read-only file system", "--out")
 
 
@@ -115,8 +132,12 @@ def test_train_into_an_out_without_permission(root_owned):
     cache = root_owned / "cache"
     make_cache(cache, 16)
     subprocess.run(["chmod", "-R", "a+rX", str(cache)], check=True)
-    proc = _run(["train_vae.py", "--cache-dir", str(cache), "--out", str(root_owned / "run"), "--no-progress"],
-                module=False, as_nobody=True, home=root_owned / "nobody-home")
+    proc = _run(
+        ["train_vae.py", "--cache-dir", str(cache), "--out", str(root_owned / "run"), "--no-progress"],
+        module=False,
+        as_nobody=True,
+        home=root_owned / "nobody-home",
+    )
     _one_line(proc, "permission denied", "--out")
 
 
@@ -124,8 +145,19 @@ def test_train_and_verify_read_a_read_only_cache(ro_disk, tmp_path):
     """A read-only cache (a shared mount) is still good to train from and to verify: both only read it."""
     make_cache(ro_disk / "cache", 16)
     ro_disk.freeze()
-    proc = _run(["train_vae.py", "--cache-dir", str(ro_disk / "cache"), "--out", str(tmp_path / "run"), "--no-progress",
-                 "-e", "1"], module=False)
+    proc = _run(
+        [
+            "train_vae.py",
+            "--cache-dir",
+            str(ro_disk / "cache"),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "-e",
+            "1",
+        ],
+        module=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "summary.json").is_file()
     proc = _run(["verify", "--cache-dir", str(ro_disk / "cache"), "--no-progress"])
@@ -157,8 +189,11 @@ def test_upload_of_a_folder_without_permission(root_owned, s3_server, bucket):
     folder.mkdir()
     (folder / "a_0.png").write_bytes(png_bytes(1))
     folder.chmod(0o700)
-    proc = _run(["upload", str(folder), f"s3://{bucket}/up/", "--endpoint", s3_server.endpoint],
-                as_nobody=True, home=root_owned / "nobody-home")
+    proc = _run(
+        ["upload", str(folder), f"s3://{bucket}/up/", "--endpoint", s3_server.endpoint],
+        as_nobody=True,
+        home=root_owned / "nobody-home",
+    )
     _one_line(proc, "permission denied")
 
 
@@ -173,6 +208,9 @@ def test_serve_on_a_port_in_use():
 def test_serve_on_a_privileged_port_without_permission(root_owned):
     if int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text()) <= 80:
         pytest.skip("ports below 1024 are open to every user here")
-    proc = _run(["serve", "--port", "80", "--demo", "0", "--until-stdin-closes"], as_nobody=True,
-                home=root_owned / "nobody-home")
+    proc = _run(
+        ["serve", "--port", "80", "--demo", "0", "--until-stdin-closes"],
+        as_nobody=True,
+        home=root_owned / "nobody-home",
+    )
     _one_line(proc, "permission denied")

@@ -29,7 +29,10 @@ def test_a_repeated_upload_sends_only_what_changed(s3_server, bucket, tmp_path):
     (folder / "big.bin").write_bytes(os.urandom((64 << 20) + 1))  # above 64 MiB: a multipart object ("...-9")
     uri = f"s3://{bucket}/up/"
     s3_server.reset_counts()
-    assert _upload(folder, uri, s3_server.endpoint) == f"uploaded 4 files (67.1 MB) to {uri}; skipped 0 already there with the same size and MD5"
+    assert (
+        _upload(folder, uri, s3_server.endpoint)
+        == f"uploaded 4 files (67.1 MB) to {uri}; skipped 0 already there with the same size and MD5"
+    )
     first = _puts(s3_server)
     assert first >= 4
 

@@ -29,8 +29,9 @@ def list_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", ())]
 
 
-async def worker(host: str, port: int, endpoint: str, bucket: str, keys: asyncio.Queue, dest: str, signer: SigV4Auth,
-                 done: list[int]) -> None:
+async def worker(
+    host: str, port: int, endpoint: str, bucket: str, keys: asyncio.Queue, dest: str, signer: SigV4Auth, done: list[int]
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while not keys.empty():
@@ -68,7 +69,9 @@ async def run(endpoint: str, bucket: str, keys: list[str], dest: str, conns: int
     for k in keys:
         queue.put_nowait(k)
     done = [0, 0]
-    await asyncio.gather(*(worker(u.hostname, u.port, endpoint, bucket, queue, dest, signer, done) for _ in range(conns)))
+    await asyncio.gather(
+        *(worker(u.hostname, u.port, endpoint, bucket, queue, dest, signer, done) for _ in range(conns))
+    )
     return done
 
 

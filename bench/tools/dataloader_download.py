@@ -22,8 +22,11 @@ class PerItemDownload(Dataset):
     def __init__(self, bucket: str, prefix: str, target: str, endpoint: str) -> None:
         self.bucket, self.target, self.endpoint = bucket, target, endpoint
         client = boto3.client("s3", endpoint_url=endpoint)
-        self.keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-                     for o in page.get("Contents", ())]
+        self.keys = [
+            o["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", ())
+        ]
         self._client = None
 
     def __len__(self) -> int:
@@ -44,7 +47,7 @@ def main() -> None:
     uri, target, endpoint = sys.argv[1:4]
     workers = int(sys.argv[4]) if len(sys.argv) > 4 else 4
     batch = int(sys.argv[5]) if len(sys.argv) > 5 else 16
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
     loader = DataLoader(PerItemDownload(bucket, prefix, target, endpoint), batch_size=batch, num_workers=workers)
     n = sum(len(b) for b in loader)
     print(f"{n} objects")

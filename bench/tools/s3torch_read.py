@@ -15,8 +15,9 @@ from s3torchconnector import S3ClientConfig, S3MapDataset
 
 def main() -> int:
     endpoint, uri, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    ds = S3MapDataset.from_prefix(uri, region="us-east-1", endpoint=endpoint,
-                                  s3client_config=S3ClientConfig(force_path_style=True))
+    ds = S3MapDataset.from_prefix(
+        uri, region="us-east-1", endpoint=endpoint, s3client_config=S3ClientConfig(force_path_style=True)
+    )
     with ThreadPoolExecutor(threads) as pool:
         total = sum(pool.map(lambda i: len(ds[i].read()), range(len(ds))))
     print(f"read {len(ds)} objects, {total} bytes")

@@ -10,7 +10,10 @@ Rooms, each owning one concern, arrows pointing down:
 * :mod:`~pipeline.transport.signer`: SigV4.  :mod:`~pipeline.transport.s3xml`: S3's XML answers.
 * :mod:`~pipeline.transport.errors`: every failure classified once.  :mod:`~pipeline.transport.loop`:
   the process's event loop.  :mod:`~pipeline.transport.retry`: backoff.
+* :mod:`~pipeline.transport.boto`: the boto3 calls that remain (upload, bucket creation);
+  :mod:`~pipeline.transport.upload`: ``tess upload``.
 
 It may import :mod:`cache` (the checks' vocabulary) and :mod:`pipeline.config`; nothing of the mirror,
-the datasets or torch. boto3 stays for what is rare and complex (``pipeline.s3``: upload, buckets).
+the datasets or torch. boto3 and botocore are imported here only: botocore for credentials and the CA bundle
+(``client``, ``tls``), boto3 for what is rare and complex (``boto``).
 """

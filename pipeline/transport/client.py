@@ -33,13 +33,15 @@ ERROR_BODY = 64 << 10  # of an error answer, whatever its framing, at most this 
 LIST_BODY = 32 << 20  # a LIST page of 1,000 keys is ~300 KB
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _DNS_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
-_CHECKSUM_HEADERS = {f"Checksum{a}": f"x-amz-checksum-{a.lower()}" for a in ("CRC64NVME", "CRC32", "CRC32C", "SHA1", "SHA256")}
+_CHECKSUM_HEADERS = {
+    f"Checksum{a}": f"x-amz-checksum-{a.lower()}" for a in ("CRC64NVME", "CRC32", "CRC32C", "SHA1", "SHA256")
+}
 
 
 def _http_date_iso(text: str) -> str | None:
     """An HTTP date (``Wed, 02 Dec 2026 10:00:00 GMT``) as ISO 8601 in UTC, as listings give LastModified."""
     try:
-        return email.utils.parsedate_to_datetime(text).astimezone(_dt.timezone.utc).isoformat() if text else None
+        return email.utils.parsedate_to_datetime(text).astimezone(_dt.UTC).isoformat() if text else None
     except (TypeError, ValueError):
         return None
 
@@ -93,8 +95,11 @@ def credentials() -> Any:
     """
     env = os.environ
     if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY") and not env.get("AWS_CREDENTIAL_EXPIRATION"):
-        return _EnvKeys(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
-                        env.get("AWS_SESSION_TOKEN") or env.get("AWS_SECURITY_TOKEN") or None)
+        return _EnvKeys(
+            env["AWS_ACCESS_KEY_ID"],
+            env["AWS_SECRET_ACCESS_KEY"],
+            env.get("AWS_SESSION_TOKEN") or env.get("AWS_SECURITY_TOKEN") or None,
+        )
     import botocore.session
 
     creds = botocore.session.get_session().get_credentials()
@@ -184,13 +189,16 @@ class S3Client:
         header = host if self._port == default_port else f"{host}:{self._port}"
         pool = self._pools.get(host)
         if pool is None:
-            pool = self._pools[host] = http.Pool(http.Origin(host, self._port, self._tls),
-                                                 connect_timeout=self.options.connect_timeout,
-                                                 read_timeout=self.options.read_timeout)
+            pool = self._pools[host] = http.Pool(
+                http.Origin(host, self._port, self._tls),
+                connect_timeout=self.options.connect_timeout,
+                read_timeout=self.options.read_timeout,
+            )
         return pool, header, path
 
-    async def send(self, method: str, bucket: str, key: str, *, uri: str, query: str = "",
-                   headers: dict[str, str] | None = None) -> http.Response:
+    async def send(
+        self, method: str, bucket: str, key: str, *, uri: str, query: str = "", headers: dict[str, str] | None = None
+    ) -> http.Response:
         """One signed request; its answer, whatever its status."""
         pool, host, path = self._route(bucket, key)
         signed = self.signer.headers(method, host, path, query, headers)
@@ -207,20 +215,34 @@ class S3Client:
         elif isinstance(e, http.ConnectError):
             failure = errors.unreachable(self.options, str(e))
         else:
-            failure = GetFailure(FailureKind.TRANSIENT, f"{uri}: {e}", no_answer=isinstance(e, http.StallError) and e.silent)
+            failure = GetFailure(
+                FailureKind.TRANSIENT, f"{uri}: {e}", no_answer=isinstance(e, http.StallError) and e.silent
+            )
         failure.reconnects = e.reconnects
         return failure
 
     async def error(self, resp: http.Response, uri: str) -> GetFailure:
         """The classified failure of an error answer (its body read up to :data:`ERROR_BODY` bytes)."""
         body = await resp.read(ERROR_BODY, truncate=True)
-        return errors.for_answer(resp.status, s3xml.error_code(body), uri=uri, options=self.options,
-                                 location=resp.headers.get("location", ""))
+        return errors.for_answer(
+            resp.status,
+            s3xml.error_code(body),
+            uri=uri,
+            options=self.options,
+            location=resp.headers.get("location", ""),
+        )
 
     # -- S3 operations ---------------------------------------------------------------------------------
 
-    async def get(self, bucket: str, key: str, *, byte_range: tuple[int, int] | None = None,
-                  if_match: str | None = None, size: int | None = None) -> WholeBody | StreamBody:
+    async def get(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        byte_range: tuple[int, int] | None = None,
+        if_match: str | None = None,
+        size: int | None = None,
+    ) -> WholeBody | StreamBody:
         """GET ``bucket/key`` (``byte_range`` end exclusive), never reading more than ``size`` bytes
         (the range's length when one is given)."""
         uri = f"s3://{bucket}/{key}"
@@ -258,8 +280,11 @@ class S3Client:
         m = _CONTENT_RANGE_RE.fullmatch(resp.headers.get("content-range", "").strip())
         if resp.status != 206 or m is None or (int(m.group(1)), int(m.group(2)) + 1) != byte_range:
             resp.discard()
-            raise GetFailure(FailureKind.TRANSIENT, f"{uri}: asked for bytes {byte_range[0]}-{byte_range[1] - 1}, "
-                             f"answered {resp.status} with Content-Range {resp.headers.get('content-range')!r}")
+            raise GetFailure(
+                FailureKind.TRANSIENT,
+                f"{uri}: asked for bytes {byte_range[0]}-{byte_range[1] - 1}, "
+                f"answered {resp.status} with Content-Range {resp.headers.get('content-range')!r}",
+            )
 
     async def head(self, bucket: str, key: str) -> Expected:
         """Size, ETag and full-object additional checksum of ``bucket/key``."""
@@ -274,10 +299,16 @@ class S3Client:
         if resp.length is None:
             raise GetFailure(FailureKind.TRANSIENT, f"{uri}: HEAD answered without a Content-Length")
         h = resp.headers
-        boto_shaped = {"ChecksumType": h.get("x-amz-checksum-type", "FULL_OBJECT"),
-                       **{name: h[header] for name, header in _CHECKSUM_HEADERS.items() if header in h}}
-        return Expected(size=resp.length, etag=h.get("etag", ""), checksum=checksum_from_head(boto_shaped),
-                        last_modified=_http_date_iso(h.get("last-modified", "")))
+        boto_shaped = {
+            "ChecksumType": h.get("x-amz-checksum-type", "FULL_OBJECT"),
+            **{name: h[header] for name, header in _CHECKSUM_HEADERS.items() if header in h},
+        }
+        return Expected(
+            size=resp.length,
+            etag=h.get("etag", ""),
+            checksum=checksum_from_head(boto_shaped),
+            last_modified=_http_date_iso(h.get("last-modified", "")),
+        )
 
     async def list_page(self, bucket: str, prefix: str, token: str | None, *, max_keys: int = 1000) -> s3xml.ListPage:
         """One ListObjectsV2 page of ``prefix`` (after ``token``)."""
@@ -309,8 +340,14 @@ class BucketClient:
         self.client = client
         self.bucket = bucket
 
-    async def get(self, key: str, *, byte_range: tuple[int, int] | None = None, if_match: str | None = None,
-                  size: int | None = None) -> WholeBody | StreamBody:
+    async def get(
+        self,
+        key: str,
+        *,
+        byte_range: tuple[int, int] | None = None,
+        if_match: str | None = None,
+        size: int | None = None,
+    ) -> WholeBody | StreamBody:
         return await self.client.get(self.bucket, key, byte_range=byte_range, if_match=if_match, size=size)
 
     async def head(self, key: str) -> Expected:

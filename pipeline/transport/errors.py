@@ -54,8 +54,9 @@ class GetFailure(Exception):
             closed (no failed attempt, but a request sent: counted as a retry).
     """
 
-    def __init__(self, kind: FailureKind, message: str, *, fatal_when_exhausted: bool = False,
-                 no_answer: bool = False) -> None:
+    def __init__(
+        self, kind: FailureKind, message: str, *, fatal_when_exhausted: bool = False, no_answer: bool = False
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
@@ -70,9 +71,12 @@ def where(options: ClientOptions) -> str:
 
 def unreachable(options: ClientOptions, detail: str = "") -> GetFailure:
     """No connection to the endpoint: retried, and fatal once the retries are spent."""
-    return GetFailure(FailureKind.TRANSIENT, f"cannot reach the S3 endpoint {where(options)}; check ENDPOINT / "
-                      f"AWS_ENDPOINT_URL and that the server is up{f' ({detail})' if detail else ''}",
-                      fatal_when_exhausted=True)
+    return GetFailure(
+        FailureKind.TRANSIENT,
+        f"cannot reach the S3 endpoint {where(options)}; check ENDPOINT / "
+        f"AWS_ENDPOINT_URL and that the server is up{f' ({detail})' if detail else ''}",
+        fatal_when_exhausted=True,
+    )
 
 
 def certificate_failure(options: ClientOptions, reason: str, trusted: str) -> GetFailure:
@@ -80,36 +84,51 @@ def certificate_failure(options: ClientOptions, reason: str, trusted: str) -> Ge
 
     ``trusted`` says which CA bundle was tried (``AWS_CA_BUNDLE``, ``--ca-bundle``, the default...).
     """
-    return GetFailure(FailureKind.FATAL, f"the TLS certificate of {where(options)} was not accepted by {trusted} "
-                      f"({reason}); name the CA that signed it with AWS_CA_BUNDLE=/path/ca.pem or --ca-bundle "
-                      "/path/ca.pem (or skip the check with --no-verify-ssl)")
+    return GetFailure(
+        FailureKind.FATAL,
+        f"the TLS certificate of {where(options)} was not accepted by {trusted} "
+        f"({reason}); name the CA that signed it with AWS_CA_BUNDLE=/path/ca.pem or --ca-bundle "
+        "/path/ca.pem (or skip the check with --no-verify-ssl)",
+    )
 
 
 def for_answer(status: int, code: str | None, *, uri: str, options: ClientOptions, location: str = "") -> GetFailure:
     """An HTTP error answer (its status and the S3 ``<Code>`` of its body, if any), classified."""
     label = f"{code} ({status})" if code else f"HTTP {status}"
     if code in CREDENTIAL_CODES:
-        return GetFailure(FailureKind.FATAL, f"{uri}: {CREDENTIAL_CODES[code]} ({code}) at {where(options)}; check "
-                          "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE")
+        return GetFailure(
+            FailureKind.FATAL,
+            f"{uri}: {CREDENTIAL_CODES[code]} ({code}) at {where(options)}; check "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE",
+        )
     if code == "NoSuchBucket":
         bucket = uri[5:].split("/", 1)[0]
-        return GetFailure(FailureKind.FATAL, f"bucket {bucket!r} does not exist at {where(options)}; check "
-                          "PREFIX=s3://bucket/prefix and ENDPOINT")
+        return GetFailure(
+            FailureKind.FATAL,
+            f"bucket {bucket!r} does not exist at {where(options)}; check PREFIX=s3://bucket/prefix and ENDPOINT",
+        )
     if code in REGION_CODES:
-        return GetFailure(FailureKind.FATAL, f"{uri}: the bucket is in another region ({code}); set AWS_REGION or "
-                          "AWS_DEFAULT_REGION")
+        return GetFailure(
+            FailureKind.FATAL, f"{uri}: the bucket is in another region ({code}); set AWS_REGION or AWS_DEFAULT_REGION"
+        )
     if status == 404 or code in MISSING_CODES:
         return GetFailure(FailureKind.MISSING, f"{uri}: deleted since the listing (404)")
     if status == 403:
         what = DENIAL_CODES.get(code or "", "forbidden")
-        return GetFailure(FailureKind.DENIED, f"{uri}: {what} ({code or 403}) at {where(options)}; check AWS_ACCESS_KEY_ID / "
-                          "AWS_SECRET_ACCESS_KEY / AWS_PROFILE and the bucket policy")
+        return GetFailure(
+            FailureKind.DENIED,
+            f"{uri}: {what} ({code or 403}) at {where(options)}; check AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY / AWS_PROFILE and the bucket policy",
+        )
     if status == 412 or code == "PreconditionFailed":
         return GetFailure(FailureKind.CHANGED, f"{uri}: changed while it was being fetched (412 to If-Match)")
     if status in RETRYABLE_STATUS or status >= 500:
         return GetFailure(FailureKind.TRANSIENT, f"{uri}: the server answered {label}")
     if 300 <= status < 400:
         to = f" to {location[:200]}" if location else ""
-        return GetFailure(FailureKind.PERMANENT, f"{uri}: the server answered a redirect ({label}){to}; tess does not "
-                          "follow redirects: check ENDPOINT and the bucket's region")
+        return GetFailure(
+            FailureKind.PERMANENT,
+            f"{uri}: the server answered a redirect ({label}){to}; tess does not "
+            "follow redirects: check ENDPOINT and the bucket's region",
+        )
     return GetFailure(FailureKind.PERMANENT, f"{uri}: the server answered {label}")

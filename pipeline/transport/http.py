@@ -29,14 +29,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import h11
 
-from pipeline.transport.wire import (  # re-exported: the errors callers catch
-    CertificateError, ConnectError, ConnectionLost, ProtocolError, StaleConnection, StallError, TransportError, Wire,
+from pipeline.transport.wire import (  # the errors callers catch, re-exported
+    CertificateError,
+    ConnectError,
+    ConnectionLost,
+    ProtocolError,
+    StaleConnection,
+    TransportError,
+    Wire,
 )
+from pipeline.transport.wire import StallError as StallError
 
 MAX_HEAD_BYTES = 64 << 10
 MAX_HEADERS = 256
@@ -69,8 +76,14 @@ class Connection:
     def reusable(self) -> bool:
         w = self.wire
         trailing, closed = self.h11.trailing_data
-        return (not w.spoiled and not w.chunks and not trailing and not closed
-                and self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE)
+        return (
+            not w.spoiled
+            and not w.chunks
+            and not trailing
+            and not closed
+            and self.h11.our_state is h11.DONE
+            and self.h11.their_state is h11.DONE
+        )
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
@@ -79,7 +92,8 @@ class Connection:
             except h11.RemoteProtocolError as e:
                 raise ProtocolError(f"malformed answer ({e})") from None
             if event is not h11.NEED_DATA:
-                return event
+                # mypy does not narrow "is not" on h11's sentinel classes: NEED_DATA is excluded here
+                return event  # type: ignore[return-value]
             try:
                 data = await self.wire.read()
             except OSError as e:
@@ -114,7 +128,7 @@ class Response:
         value = self.headers.get("content-length")
         return int(value) if value is not None and "chunked" not in self.headers.get("transfer-encoding", "") else None
 
-    async def chunks(self, limit: int) -> AsyncIterator[bytes]:
+    async def chunks(self, limit: int) -> AsyncGenerator[bytes, None]:
         """The body in pieces as they arrive; more than ``limit`` bytes raise :class:`ProtocolError`.
 
         The connection goes back to the pool only after the answer's last byte; an error, an early
@@ -201,8 +215,9 @@ class Pool:
         resp.reconnects = 1
         return resp
 
-    async def _exchange(self, conn: Connection, method: str, target: str, headers: list[tuple[str, str]],
-                        body: bytes) -> Response:
+    async def _exchange(
+        self, conn: Connection, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+    ) -> Response:
         wire = conn.wire
         try:
             out = conn.h11.send(h11.Request(method=method, target=target, headers=headers))
@@ -254,14 +269,16 @@ class Pool:
         o = self.origin
         try:
             _, wire = await asyncio.wait_for(
-                loop.create_connection(lambda: Wire(loop), o.host, o.port, ssl=o.tls,
-                                       server_hostname=o.host if o.tls else None),
-                self.connect_timeout)
+                loop.create_connection(
+                    lambda: Wire(loop), o.host, o.port, ssl=o.tls, server_hostname=o.host if o.tls else None
+                ),
+                self.connect_timeout,
+            )
         except ssl.SSLCertVerificationError as e:
             raise CertificateError(e.verify_message or str(e)) from None
         except ssl.SSLError as e:
             raise ConnectError(f"TLS handshake failed: {e.reason or e}") from None
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             raise ConnectError(type(e).__name__ if not str(e) else f"{type(e).__name__}: {e}") from None
         return Connection(wire)
 
@@ -271,7 +288,7 @@ class Pool:
         self._idle.clear()
 
 
-def _header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+def _header_dict(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
     """h11's (lower-case name, value) pairs as a dict; repeated names joined with ", " (RFC 9110 5.3)."""
     out: dict[str, str] = {}
     for name, value in headers:

@@ -38,14 +38,15 @@ class ObjectInfo:
 def iso_utc(ts: object) -> str:
     """A listing's LastModified as ISO 8601 in UTC (``2026-01-02T03:04:05+00:00``); other text as it is."""
     if isinstance(ts, str):
+        text = ts
         try:
-            ts = _dt.datetime.fromisoformat(ts)
+            ts = _dt.datetime.fromisoformat(text)
         except ValueError:
-            return ts
+            return text
     if isinstance(ts, _dt.datetime):
         if ts.tzinfo is None:
-            ts = ts.replace(tzinfo=_dt.timezone.utc)
-        return ts.astimezone(_dt.timezone.utc).isoformat()
+            ts = ts.replace(tzinfo=_dt.UTC)
+        return ts.astimezone(_dt.UTC).isoformat()
     return str(ts)
 
 
@@ -83,7 +84,11 @@ class Lister:
             if obj.size == 0 and obj.key.endswith("/"):
                 continue
             # Interned: objects uploaded together share their LastModified (one string, not one per key).
-            out.append(ObjectInfo(key=obj.key, etag=obj.etag, size=obj.size, last_modified=sys.intern(iso_utc(obj.last_modified))))
+            out.append(
+                ObjectInfo(
+                    key=obj.key, etag=obj.etag, size=obj.size, last_modified=sys.intern(iso_utc(obj.last_modified))
+                )
+            )
             self._n += 1
             if self.limit is not None and self._n >= self.limit:
                 self.done = True
@@ -91,13 +96,16 @@ class Lister:
         if not page.truncated:
             self.done = True
         elif not page.next_token or page.next_token == self._token:
-            raise StorageError(f"listing {self.uri} at {where(self.options)}: a truncated page without a new continuation token")
+            raise StorageError(
+                f"listing {self.uri} at {where(self.options)}: a truncated page without a new continuation token"
+            )
         self._token = page.next_token
         return out
 
 
-def list_objects(uri: S3Uri, options: ClientOptions, *, limit: int | None = None,
-                 stats: dict[str, int] | None = None) -> Iterator[ObjectInfo]:
+def list_objects(
+    uri: S3Uri, options: ClientOptions, *, limit: int | None = None, stats: dict[str, int] | None = None
+) -> Iterator[ObjectInfo]:
     """Yield the objects under ``uri`` in listing order, skipping zero-byte folder markers.
 
     ``stats``, when given, receives ``pages`` and ``retries`` (of LIST requests).
@@ -112,8 +120,14 @@ def list_objects(uri: S3Uri, options: ClientOptions, *, limit: int | None = None
         yield from loop.run(lister.next_page())
 
 
-async def _page(client: S3Client, uri: S3Uri, token: str | None, options: ClientOptions,
-                stats: dict[str, int] | None, max_keys: int = 1000) -> ListPage:
+async def _page(
+    client: S3Client,
+    uri: S3Uri,
+    token: str | None,
+    options: ClientOptions,
+    stats: dict[str, int] | None,
+    max_keys: int = 1000,
+) -> ListPage:
     deadline = time.monotonic() + BUDGET_S
     attempt = 0
     while True:
@@ -135,8 +149,10 @@ async def _page(client: S3Client, uri: S3Uri, token: str | None, options: Client
 
 def _listing_message(e: GetFailure, uri: S3Uri, options: ClientOptions, attempts: int) -> str:
     if e.no_answer:
-        return (f"the S3 endpoint {where(options)} accepted connections but did not answer within "
-                f"{options.read_timeout:g} s ({attempts} attempts); check ENDPOINT and the server's health")
+        return (
+            f"the S3 endpoint {where(options)} accepted connections but did not answer within "
+            f"{options.read_timeout:g} s ({attempts} attempts); check ENDPOINT and the server's health"
+        )
     if e.kind is FailureKind.TRANSIENT and not e.fatal_when_exhausted:
         return f"listing {uri} failed after {attempts} attempts: {e.message}"
     return e.message

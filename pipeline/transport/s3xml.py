@@ -57,23 +57,31 @@ def parse_list_page(body: bytes) -> ListPage:
             fields[name] = child.text or ""
     decode = fields.get("EncodingType", "").lower() == "url"
     objects = []
-    for e in entries:
-        if "Key" not in e or not e.get("Size", "").isdigit():
-            raise MalformedXML(f"a LIST entry without a Key or a numeric Size ({sorted(e)})")
-        key = urllib.parse.unquote_plus(e["Key"]) if decode else e["Key"]
-        objects.append(ListedObject(key=key, size=int(e["Size"]), etag=e.get("ETag", ""), last_modified=e.get("LastModified", "")))
+    for entry in entries:
+        if "Key" not in entry or not entry.get("Size", "").isdigit():
+            raise MalformedXML(f"a LIST entry without a Key or a numeric Size ({sorted(entry)})")
+        key = urllib.parse.unquote_plus(entry["Key"]) if decode else entry["Key"]
+        objects.append(
+            ListedObject(
+                key=key,
+                size=int(entry["Size"]),
+                etag=entry.get("ETag", ""),
+                last_modified=entry.get("LastModified", ""),
+            )
+        )
     truncated = fields.get("IsTruncated", "false").strip().lower() == "true"
     return ListPage(objects=objects, truncated=truncated, next_token=fields.get("NextContinuationToken") or None)
 
 
 def error_code(body: bytes) -> str | None:
     """The ``<Code>`` of an S3 error answer, also from the first bytes of a cut or oversized one."""
-    parser = ET.XMLPullParser(events=("end",))
+    parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("end",))
     try:
         parser.feed(body)  # a cut document is no error until close(), which is never called
     except ET.ParseError:
         pass  # the events parsed before the bad byte are still there
-    for _, el in parser.read_events():
-        if _local(el.tag) == "Code" and el.text:
+    for event in parser.read_events():
+        el = event[-1]  # ("end", element): the only events asked for
+        if isinstance(el, ET.Element) and _local(el.tag) == "Code" and el.text:
             return el.text.strip()[:128]
     return None

@@ -41,14 +41,23 @@ class Signer:
             self._key = (secret, day, key)
         return self._key[2]
 
-    def headers(self, method: str, host: str, path: str, query: str = "", extra: dict[str, str] | None = None, *,
-                payload_sha256: str = UNSIGNED, now: _dt.datetime | None = None) -> dict[str, str]:
+    def headers(
+        self,
+        method: str,
+        host: str,
+        path: str,
+        query: str = "",
+        extra: dict[str, str] | None = None,
+        *,
+        payload_sha256: str = UNSIGNED,
+        now: _dt.datetime | None = None,
+    ) -> dict[str, str]:
         """The headers of a signed request (``path`` percent-encoded, ``query`` from :func:`query_string`).
 
         ``extra`` headers are signed and returned too; ``host`` is the Host header as sent.
         """
         frozen = self._creds.get_frozen_credentials()
-        amz_date = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+        amz_date = (now or _dt.datetime.now(_dt.UTC)).strftime("%Y%m%dT%H%M%SZ")
         day = amz_date[:8]
         signed = {"host": host, "x-amz-content-sha256": payload_sha256, "x-amz-date": amz_date}
         if frozen.token:
@@ -56,11 +65,14 @@ class Signer:
         for name, value in (extra or {}).items():
             signed[name.lower()] = " ".join(value.split())
         names = sorted(signed)
-        canonical = "\n".join([method, path, query, *(f"{n}:{signed[n]}" for n in names), "", ";".join(names),
-                               payload_sha256])
+        canonical = "\n".join(
+            [method, path, query, *(f"{n}:{signed[n]}" for n in names), "", ";".join(names), payload_sha256]
+        )
         scope = f"{day}/{self.region}/s3/aws4_request"
         to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
         signature = hmac.new(self._signing_key(frozen.secret_key, day), to_sign.encode(), hashlib.sha256).hexdigest()
-        signed["authorization"] = (f"AWS4-HMAC-SHA256 Credential={frozen.access_key}/{scope}, "
-                                   f"SignedHeaders={';'.join(names)}, Signature={signature}")
+        signed["authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={frozen.access_key}/{scope}, "
+            f"SignedHeaders={';'.join(names)}, Signature={signature}"
+        )
         return signed

@@ -65,8 +65,12 @@ def _make(bundle: str | None, origin: str, verify: bool) -> ssl.SSLContext:
     try:
         return ssl.create_default_context(cafile=bundle)
     except FileNotFoundError:
-        raise ValueError(f"the CA bundle {bundle!r} (from {origin}) does not exist; pass the path of a PEM file "
-                         "with the CA that signed the server's certificate") from None
+        raise ValueError(
+            f"the CA bundle {bundle!r} (from {origin}) does not exist; pass the path of a PEM file "
+            "with the CA that signed the server's certificate"
+        ) from None
     except ssl.SSLError as e:
-        raise ValueError(f"the CA bundle {bundle!r} (from {origin}) holds no usable certificate ({e.reason or e}); "
-                         "pass a PEM file with the CA that signed the server's certificate") from None
+        raise ValueError(
+            f"the CA bundle {bundle!r} (from {origin}) holds no usable certificate ({e.reason or e}); "
+            "pass a PEM file with the CA that signed the server's certificate"
+        ) from None
