@@ -98,8 +98,9 @@ bench-fetch: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# ruff (lint, import order, format) and mypy, configured in pyproject.toml; .ci/run runs it before make test.
+# ruff (lint, import order, format) over all the Python of the repository and mypy over cache, pipeline and
+# train_vae.py, configured in pyproject.toml; .ci/run runs it before make test.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cache pipeline train_vae.py
-	$(VENV)/bin/ruff format --check cache pipeline train_vae.py
+	$(VENV)/bin/ruff check cache pipeline train_vae.py tests bench
+	$(VENV)/bin/ruff format --check cache pipeline train_vae.py tests bench
 	$(VENV)/bin/mypy

@@ -42,8 +42,8 @@ from bench.common import (  # noqa: E402
     log,
     median,
     run_measured,
-    write_table,
     work_dir,
+    write_table,
 )
 
 AWSCLI_VENV = ROOT / "bench" / ".venv-awscli"

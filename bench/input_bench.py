@@ -42,8 +42,8 @@ from bench.common import (  # noqa: E402
     interleave,
     log,
     median,
-    write_table,
     work_dir,
+    write_table,
 )
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -283,10 +283,13 @@ def main() -> None:
                 "images/s (all runs)",
             ),
             [
-                f"images/s counted from the first batch on, every batch touched; medians of {args.repeats} interleaved passes",
-                f"decoded pack built once before the runs in {pack_build_s:.1f} s (reused by every later epoch and run)",
+                f"images/s counted from the first batch on, every batch touched; "
+                f"medians of {args.repeats} interleaved passes",
+                f"decoded pack built once before the runs in {pack_build_s:.1f} s "
+                "(reused by every later epoch and run)",
                 f"torch threads in the main process: {args.threads or 'default'}; DataLoader workers use 1 each",
-                "tess loaders: DataLoader settings of pipeline.train.loop (batch sampler, persistent workers, prefetch 4); "
+                "tess loaders: DataLoader settings of pipeline.train.loop "
+                "(batch sampler, persistent workers, prefetch 4); "
                 "baselines: DataLoader(ds, 16, shuffle=True, num_workers=w)",
             ],
         )
@@ -296,7 +299,8 @@ def main() -> None:
             decode_bench(manifest, cache_dir, args.repeats),
             ("decoder", "us/image", "images", "runs"),
             [
-                f"median of {args.repeats} passes over the same images (bytes already in memory, or files in the page cache)",
+                f"median of {args.repeats} passes over the same images "
+                "(bytes already in memory, or files in the page cache)",
                 "CachedImageDataset[i] uses the decoder pipeline.data.datasets.decode_rgb uses at the time of the run",
             ],
         )

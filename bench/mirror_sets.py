@@ -107,6 +107,7 @@ def seed(endpoint: str, prefix: str, items: list[Item], ca_bundle: str = "", thr
     """
     import boto3
     from botocore.config import Config
+
     from tests.s3rver import ACCESS_KEY, SECRET_KEY
 
     s3 = boto3.client(
@@ -233,7 +234,8 @@ def png_set(
         items = png_items(n)
         total = seed(srv.endpoint, f"{name}/", items, threads=threads)
         log(
-            f"{name} set: {n} objects, {total / max(n, 1):.0f} bytes each on s3rver {srv.endpoint}, seeded by {threads} "
+            f"{name} set: {n} objects, {total / max(n, 1):.0f} bytes each on s3rver {srv.endpoint}, "
+            f"seeded by {threads} "
             f"threads in {time.perf_counter() - t0:.0f} s"
         )
         base = None

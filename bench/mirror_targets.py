@@ -68,7 +68,8 @@ def _ratio_target(
     tool: str = "tess",
     unit: str = "",
 ) -> Row:
-    """``tool``'s ``metric`` on ``set_name`` divided by ``peer``'s (or alone, without a peer), held against ``bound``."""
+    """``tool``'s ``metric`` on ``set_name`` divided by ``peer``'s (or alone, without a peer),
+    held against ``bound``."""
     t = _row(rows, set_name, tool)
     p = _row(rows, set_name, peer) if peer else None
     if t is None or (peer and p is None):

@@ -235,7 +235,8 @@ def aws_env(t: Target, scratch: Path) -> dict[str, str]:
 
 
 def make_tools(wanted: list[str], scratch: Path, notes: list[str]) -> dict[str, Tool]:
-    """The tools of ``wanted`` (keys of :data:`TOOL_KEYS`) that can run here; why the others cannot goes to ``notes``."""
+    """The tools of ``wanted`` (keys of :data:`TOOL_KEYS`) that can run here;
+    why the others cannot goes to ``notes``."""
     unknown = [w for w in wanted if w not in TOOL_KEYS]
     if unknown:
         raise SystemExit(f"mirror_bench: unknown tool(s) {', '.join(unknown)}; choose from {', '.join(TOOL_KEYS)}")

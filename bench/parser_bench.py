@@ -75,7 +75,8 @@ def main() -> None:
         t = time.process_time()
         fn()
         print(
-            f"{name:10s} {(time.process_time() - t) / N * 1e6:6.1f} us CPU per answer ({h11.__version__ if name == 'h11' else httptools.__version__})"
+            f"{name:10s} {(time.process_time() - t) / N * 1e6:6.1f} us CPU per answer "
+            f"({h11.__version__ if name == 'h11' else httptools.__version__})"
         )
 
 

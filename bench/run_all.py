@@ -1,7 +1,7 @@
 """``make bench``: run every benchmark (issue 10's fetch engines first, then issue 5's) and collect their tables.
 
-Each benchmark runs as its own process (``bench/mirror_bench.py``, ``bench/fetch_bench.py``, ``input_bench.py``, ``train_bench.py``,
-``scale_bench.py``) with the same ``--n`` and ``--repeats``; each writes its tables to
+Each benchmark runs as its own process (``bench/mirror_bench.py``, ``bench/fetch_bench.py``, ``input_bench.py``,
+``train_bench.py``, ``scale_bench.py``) with the same ``--n`` and ``--repeats``; each writes its tables to
 ``bench/results/*.md`` and ``.csv``. At the end this script joins the tables of this run into
 ``bench/results/summary_n<N>.md`` and prints where everything is.
 

@@ -23,15 +23,15 @@ Targets (printed last): tess's peak RSS <= the 5,000-object run's + 50 MB; tess'
 included) <= its listing time (``list_s``) + 10%; objects/s >= 1.5x s5cmd's (the same wall ratio); the first GET
 within 1 s of the start; the no-op no slower than ``s5cmd sync`` (both with 0 GETs).
 
-Part ``manifest`` (:mod:`bench.scale_manifest`; tables ``scale_manifest_<records>`` and ``scale_workers_<records>``): a synthetic manifest
-(no blobs) is written with ``cache.manifest.write_manifest`` and loaded with ``load_manifest``; the table gives
-both times, the bytes of the loaded arrays (``ManifestArrays.nbytes``) and the resident-memory growth of this
-process. Then a ``CachedImageDataset(check_blobs=False)`` whose items do the per-sample lookup work of training
-(blob path and label) but return a zero tensor is read for 100,000 samples by a DataLoader with ``-w 2``, set up
-as ``pipeline.train.loop`` sets it up (batch sampler over shuffled indices, persistent workers, prefetch 4). Each
-worker's memory is read from ``/proc/<pid>`` after the first batch and after the pass: RSS, and the private
-(USS) part, which is where copy-on-read would show (a forked worker's RSS already counts the pages it shares
-with the parent). Target: under 50 MB growth per worker.
+Part ``manifest`` (:mod:`bench.scale_manifest`; tables ``scale_manifest_<records>`` and ``scale_workers_<records>``):
+a synthetic manifest (no blobs) is written with ``cache.manifest.write_manifest`` and loaded with ``load_manifest``;
+the table gives both times, the bytes of the loaded arrays (``ManifestArrays.nbytes``) and the resident-memory growth
+of this process. Then a ``CachedImageDataset(check_blobs=False)`` whose items do the per-sample lookup work of
+training (blob path and label) but return a zero tensor is read for 100,000 samples by a DataLoader with ``-w 2``, set
+up as ``pipeline.train.loop`` sets it up (batch sampler over shuffled indices, persistent workers, prefetch 4). Each
+worker's memory is read from ``/proc/<pid>`` after the first batch and after the pass: RSS, and the private (USS)
+part, which is where copy-on-read would show (a forked worker's RSS already counts the pages it shares with the
+parent). Target: under 50 MB growth per worker.
 
 Usage: python bench/scale_bench.py [--parts fetch,manifest] [--n 100000] [--baseline-n 5000] [--repeats 1]
        [--seed-threads 32] [--records 1000000] [--samples 100000] [--workers 2]
@@ -59,11 +59,11 @@ from bench.common import (  # noqa: E402
     log,
     median,
     run_measured,
-    write_table,
     work_dir,
+    write_table,
 )
-from cache.manifest import read_manifest_header  # noqa: E402
 from bench.scale_manifest import manifest_part  # noqa: E402
+from cache.manifest import read_manifest_header  # noqa: E402
 
 if TYPE_CHECKING:
     from bench.mirror_sets import Target
@@ -272,7 +272,8 @@ def fetch_part(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[str, 
                     break
             rows.append(_row(f"no-op: {target.n:,} unchanged", label, f"noop-{name}", target.n, runs))
     notes += [
-        f"medians of {args.repeats} interleaved round(s) (the no-op: of {NOOP_RUNS} runs); client CPU = user+sys of the "
+        f"medians of {args.repeats} interleaved round(s) (the no-op: of {NOOP_RUNS} runs); "
+        "client CPU = user+sys of the "
         "process tree, peak RSS summed over it; GETs = object GETs the server counted (the most any run sent)",
         f"first GET s: from the process's start to the sending of the first read of the server's GET count (one read "
         f"every {POLL_S * 1000:.0f} ms) that saw it grow; first GET in s: after the last read that saw none was sent, "

@@ -136,7 +136,7 @@ def worker_growth(
     del it, loader
     log(f"read {seen} samples with -w {workers} in {pass_s:.1f} s")
     rows = []
-    for wid, pid, init_rss, init_private in info:
+    for wid, _pid, init_rss, init_private in info:
         a, b = first[wid], end[wid]
         growth = max(b["rss"] - a["rss"], b["private"] - a["private"])
         rows.append(

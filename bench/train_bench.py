@@ -29,8 +29,8 @@ from bench.common import (  # noqa: E402
     log,
     median,
     run_measured,
-    write_table,
     work_dir,
+    write_table,
 )
 
 SOURCES = {
@@ -93,7 +93,8 @@ def measure(
     summary = json.loads((out / "summary.json").read_text())
     steps = step_figures(out)
     log(
-        f"  {source} -w {workers}: {summary['images_per_s']:.0f} images/s, data wait {100 * summary['data_wait_share']:.1f}%"
+        f"  {source} -w {workers}: {summary['images_per_s']:.0f} images/s, "
+        f"data wait {100 * summary['data_wait_share']:.1f}%"
     )
     return {"summary": summary, "steps": steps, "run": res}
 

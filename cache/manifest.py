@@ -121,12 +121,13 @@ class ManifestHeader:
         """
         if d.get("format") != MANIFEST_FORMAT:
             raise ValueError(
-                f"{source}: format {d.get('format')!r} is not {MANIFEST_FORMAT!r}; re-run `make fetch` to rewrite it"
+                f"{source}: format {d.get('format')!r} is not {MANIFEST_FORMAT!r}; "
+                "re-run `make fetch` (or `tess fetch`) to rewrite it"
             )
         missing = sorted(set(_REQUIRED) - d.keys())
         if missing:
-            raise ValueError(f"{source}: header lacks {missing}; re-run `make fetch` to rewrite it")
-        fix = "re-run `make fetch` to rewrite it"
+            raise ValueError(f"{source}: header lacks {missing}; re-run `make fetch` (or `tess fetch`) to rewrite it")
+        fix = "re-run `make fetch` (or `tess fetch`) to rewrite it"
         fetch, labels, classes, incomplete, shard, network = (d.get(k) for k in _OPTIONAL)
         for name, value in (("fetch", fetch), ("network", network)):
             if value is not None and not isinstance(value, dict):
@@ -287,13 +288,18 @@ def read_manifest_header(path: str | os.PathLike[str]) -> ManifestHeader:
     """Parse only line 1 of a manifest."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"manifest {str(p)!r} not found; run `make fetch PREFIX=s3://bucket/prefix` first")
+        raise FileNotFoundError(
+            f"manifest {str(p)!r} not found; "
+            "run `make fetch PREFIX=s3://bucket/prefix` (or `tess fetch s3://bucket/prefix`) first"
+        )
     with open(p, "rb") as f:
         first = f.readline()
     try:
         d = json.loads(first)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: line 1 is not JSON ({e}); re-run `make fetch` to rewrite it") from None
+        raise ValueError(
+            f"{p}: line 1 is not JSON ({e}); re-run `make fetch` (or `tess fetch`) to rewrite it"
+        ) from None
     return ManifestHeader.from_json(d, source=str(p))
 
 
@@ -337,7 +343,9 @@ def load_manifest(path: str | os.PathLike[str]) -> ManifestArrays:
         f.readline()
         for i, line in enumerate(f):
             if i >= n:
-                raise ValueError(f"{p}: more records than the header's count {n}; re-run `make fetch`")
+                raise ValueError(
+                    f"{p}: more records than the header's count {n}; re-run `make fetch` (or `tess fetch`)"
+                )
             h.update(line)
             r = loads(line)
             key_bytes.append(r["key"].encode("utf-8"))
@@ -346,9 +354,13 @@ def load_manifest(path: str | os.PathLike[str]) -> ManifestArrays:
             size[i] = r["size"]
             label[i] = r["label"]
     if i + 1 != n:
-        raise ValueError(f"{p}: {i + 1} records but the header says {n}; re-run `make fetch` to rewrite it")
+        raise ValueError(
+            f"{p}: {i + 1} records but the header says {n}; re-run `make fetch` (or `tess fetch`) to rewrite it"
+        )
     if h.hexdigest() != header.records_sha256:
-        raise ValueError(f"{p}: records do not match records_sha256 (edited or damaged); re-run `make fetch`")
+        raise ValueError(
+            f"{p}: records do not match records_sha256 (edited or damaged); re-run `make fetch` (or `tess fetch`)"
+        )
     return ManifestArrays(
         path=p,
         header=header,
@@ -373,7 +385,8 @@ def latest_manifest(layout: CacheLayout) -> Path:
     paths = list_manifests(layout)
     if not paths:
         raise FileNotFoundError(
-            f"no manifest in {layout.manifests}; run `make fetch` (demo) or `make fetch PREFIX=s3://bucket/prefix`"
+            f"no manifest in {layout.manifests}; run `make fetch` (demo; or `tess fetch`) or "
+            "`make fetch PREFIX=s3://bucket/prefix` (or `tess fetch s3://bucket/prefix`)"
         )
     return paths[-1]
 

@@ -40,7 +40,7 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
 def make_ca_and_cert(folder: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> CertFiles:
     """A CA and a server certificate it signed for ``hosts``, as PEM files in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()

@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, quote_plus, unquote, urlsplit
 from xml.sax.saxutils import escape
 
 BUCKET = "hostile"
-LAST_MODIFIED = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+LAST_MODIFIED = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
 MAX_REQUEST_HEAD = 64 << 10  # a longer request head is refused by closing the connection
 IDLE_S = 60.0  # a kept-alive connection without a request for this long is closed
 SEND_STALL_S = 30.0  # a send that makes no progress for this long (a client that stopped reading) ends it

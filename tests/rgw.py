@@ -1,8 +1,8 @@
 """Ceph's RADOS Gateway (RGW, Pacific 16.2), a production S3 server, for the end-to-end tests.
 
 This module owns: installing Debian's Ceph packages when they are missing (:func:`ensure_installed`),
-the lifetime of a mini cluster in one temporary folder (:class:`RgwCluster`): one monitor, one OSD (memstore) and radosgw
-(beast frontend, HTTP and TLS), every address on 127.0.0.1. It also counts the requests that reached
+the lifetime of a mini cluster in one temporary folder (:class:`RgwCluster`): one monitor, one OSD (memstore) and
+radosgw (beast frontend, HTTP and TLS), every address on 127.0.0.1. It also counts the requests that reached
 RGW, from the access lines beast writes to RGW's log at ``debug rgw = 1`` (:meth:`RgwCluster.requests`,
 :meth:`RgwCluster.get_count`).
 
@@ -141,10 +141,21 @@ memstore device bytes = {memstore_bytes}
 
 [client.rgw.a]
 rgw data = {root}/rgw
-rgw frontends = beast endpoint=127.0.0.1:{http_port} ssl_endpoint=127.0.0.1:{https_port} ssl_certificate={cert} ssl_private_key={key}
+rgw frontends = {rgw_frontends}
 # Level 1 writes one access line per request ("beast: ... "GET /bucket/key HTTP/1.1" 200 ..."); counted below.
 debug rgw = 1
 """
+# The value of ``rgw frontends`` (one line in the file), filled from the same values as CONF.
+RGW_FRONTENDS = (
+    "beast endpoint=127.0.0.1:{http_port} ssl_endpoint=127.0.0.1:{https_port} "
+    "ssl_certificate={cert} ssl_private_key={key}"
+)
+
+
+def render_conf(**values: object) -> str:
+    """CONF filled with ``values`` (its fields but ``rgw_frontends``, which comes from RGW_FRONTENDS)."""
+    return CONF.format(rgw_frontends=RGW_FRONTENDS.format(**values), **values)
+
 
 ACCESS_LINE = re.compile(
     r'beast: \S+: \S+ - \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<target>\S+) HTTP/[0-9.]+" '
@@ -271,7 +282,7 @@ class RgwCluster:
         self.fsid = str(uuid.uuid4())
         ports = {"mon_port": free_port(), "http_port": free_port(), "https_port": free_port()}
         self.conf.write_text(
-            CONF.format(fsid=self.fsid, root=self.root, cert=cert, key=key, memstore_bytes=4 << 30, **ports)
+            render_conf(fsid=self.fsid, root=self.root, cert=cert, key=key, memstore_bytes=4 << 30, **ports)
         )
         self.endpoint = f"http://127.0.0.1:{ports['http_port']}"
         self.https_endpoint = f"https://127.0.0.1:{ports['https_port']}"

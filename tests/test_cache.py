@@ -1,7 +1,7 @@
 """cache/: layout, atomic blobs, manifest format and compact loading, key list round trip, index."""
 
-import hashlib
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -164,7 +164,10 @@ def test_cache_package_imports_neither_boto3_nor_torch(tmp_path):
     import subprocess
     import sys
 
-    modules = "cache, cache.index, cache.locks, cache.gc, cache.verify, cache.shard, cache.uri, cache.manifest, pipeline.config"
+    modules = (
+        "cache, cache.index, cache.locks, cache.gc, cache.verify, cache.shard, cache.uri, cache.manifest, "
+        "pipeline.config"
+    )
     code = f"import sys, {modules}; print(any(m in sys.modules for m in ('boto3','botocore','torch')))"
     out = subprocess.run(
         [sys.executable, "-c", code],

@@ -12,9 +12,9 @@ from cache.blobs import hash_file
 from cache.gc import cache_bytes, cache_stats, enforce_cap
 from cache.manifest import list_manifests
 from cache.verify import verify_cache
+from pipeline.demo.server import seed_objects
 from pipeline.fetch.stage import FetchConfig, fetch
 from pipeline.transport.boto import StorageError
-from pipeline.demo.server import seed_objects
 from tests.conftest import png_bytes
 from tests.helpers import run_cli
 

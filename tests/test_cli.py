@@ -4,7 +4,9 @@ each default and help text has one home."""
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import re
 
 import pytest
 
@@ -140,3 +142,22 @@ def test_tess_demo_fetches_the_demo_set_trains_and_names_its_pictures(tmp_path):
     for name in ("reconstructions.png", "samples.png", "loss.png", "summary.json"):
         assert (out / name).stat().st_size > 0, name
     assert len(list((cache / "manifests").glob("*.jsonl"))) == 1
+
+
+def _literals(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.lineno, node.value
+
+
+def test_every_make_hint_in_a_message_also_names_the_tess_command():
+    """A message that tells the user to run `make ...` gives the `tess ...` form beside it (the hints of
+    pipeline.hints build both; the fixed ones are written out)."""
+    from tests.helpers import ROOT
+
+    lonely = []
+    for path in sorted([*(ROOT / "cache").rglob("*.py"), *(ROOT / "pipeline").rglob("*.py")]):
+        for line, text in _literals(ast.parse(path.read_text())):
+            if re.search(r"run `make \w", text) and "`tess " not in text:
+                lonely.append(f"{path.relative_to(ROOT)}:{line}: {text.strip()[:80]}")
+    assert not lonely, "hints with only the make form: " + "; ".join(lonely)

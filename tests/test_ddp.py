@@ -27,12 +27,12 @@ import torch
 
 from cache import BlobStore, CacheLayout, load_manifest, write_manifest
 from cache.manifest import ManifestRecord
-from pipeline.demo.demo_set import demo_items
-from pipeline.train.model import VAE, VAEConfig
 from cache.shard import ShardSpec, in_shard
-from pipeline.data.batches import EpochBatchSampler
 from pipeline.config import TrainConfig
+from pipeline.data.batches import EpochBatchSampler
+from pipeline.demo.demo_set import demo_items
 from pipeline.train.distributed import DistState, RankPlan, RankShare, check_shard_cover, plan_ranks, state_digest
+from pipeline.train.model import VAE, VAEConfig
 from pipeline.train.sources import DataSource, cache_layout, find_manifest
 from tests.helpers import ROOT
 

@@ -17,15 +17,14 @@ import pytest
 import torch
 
 from cache import CacheLayout, load_manifest
-from cache.blobs import hash_file
+from cache.blobs import BlobStore, hash_file
 from pipeline.config import ClientOptions
 from pipeline.data.datasets import DSSDataset, decode_rgb
-from pipeline.fetch.stage import EXIT_INCOMPLETE, FetchConfig, fetch
-from cache.blobs import BlobStore
+from pipeline.demo.server import seed_objects
 from pipeline.fetch.mirror import FailureKind, GetFailure, Mirror, MirrorRecord, MirrorSettings, MirrorStatus, ObjectRef
 from pipeline.fetch.mirror_loop import mirror_all
+from pipeline.fetch.stage import EXIT_INCOMPLETE, FetchConfig, fetch
 from pipeline.transport.client import WholeBody
-from pipeline.demo.server import seed_objects
 from tests.conftest import png_bytes
 from tests.faultproxy import SCHEDULED_KINDS, FaultProxy
 

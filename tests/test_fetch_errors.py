@@ -11,8 +11,8 @@ import pytest
 
 from cache import CacheLayout, load_manifest
 from cache.blobs import hash_file
-from pipeline.fetch.stage import EXIT_INCOMPLETE, FetchConfig, fetch
 from pipeline.demo.server import seed_objects
+from pipeline.fetch.stage import EXIT_INCOMPLETE, FetchConfig, fetch
 from pipeline.transport.listing import Lister
 from tests.conftest import png_bytes
 from tests.helpers import closed_port, kill_when_blobs, run_cli, server_process

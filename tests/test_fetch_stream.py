@@ -9,8 +9,8 @@ import pytest
 
 from cache import load_manifest
 from cache.shard import ShardSpec
-from pipeline.fetch.stage import FetchConfig, fetch
 from pipeline.fetch.mirror import Mirror, MirrorStatus
+from pipeline.fetch.stage import FetchConfig, fetch
 from pipeline.transport.listing import Lister
 from tests.conftest import png_bytes
 

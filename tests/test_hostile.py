@@ -34,9 +34,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.fetch.mirror_types import MirrorSettings
+from tests.helpers import ROOT
 from tests.hostile_cases import CASES, REDIRECT_TARGETS, SELFTEST_KEYS, SLOW_STEADY_SIZE, STEADY_RATE, build_server
 from tests.hostile_server import BUCKET, HostileServer
-from tests.helpers import ROOT
 
 READ_TIMEOUT = 2.0
 MAX_ATTEMPTS = 2

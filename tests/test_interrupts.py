@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import random
-import sqlite3
 import signal
+import sqlite3
 import subprocess
 import sys
 import time

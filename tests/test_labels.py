@@ -13,10 +13,10 @@ from cache import BlobStore, CacheLayout, load_manifest, read_manifest_header, w
 from cache.manifest import ManifestRecord
 from pipeline.config import LabelRule, TrainConfig
 from pipeline.data.datasets import DSSDataset
-from pipeline.train.distributed import DistState
-from pipeline.fetch.stage import FetchConfig, fetch
 from pipeline.fetch.labels import assign_labels, folder_class, label_from_name
 from pipeline.fetch.listing import Listing
+from pipeline.fetch.stage import FetchConfig, fetch
+from pipeline.train.distributed import DistState
 from pipeline.train.sources import build_source, manifest_labels
 from pipeline.transport.listing import ObjectInfo
 from tests.conftest import png_bytes
@@ -66,7 +66,8 @@ def _labels(keys, prefix="p/", rule=LabelRule.AUTO):
             "p/",
             [3, 0, 12],
             (),
-            "labels: suffix (3 distinct labels in 0..12; every image key has a _<int> suffix and none lies in a class folder)",
+            "labels: suffix (3 distinct labels in 0..12; every image key has a _<int> suffix "
+            "and none lies in a class folder)",
         ),
         # Every key has a suffix, some lie in folders: not every one in a folder, so the suffix for all.
         (
@@ -74,7 +75,8 @@ def _labels(keys, prefix="p/", rule=LabelRule.AUTO):
             "p/",
             [1, 2],
             (),
-            "labels: suffix (2 distinct labels in 1..2; every image key has a _<int> suffix and 1 of 2 lie in no class folder)",
+            "labels: suffix (2 distinct labels in 1..2; every image key has a _<int> suffix "
+            "and 1 of 2 lie in no class folder)",
         ),
         # Mixed: folder indices 0 and 1 would collide with the _0/_1 of flat keys; neither rule fits all: none.
         (MIXED, "p/", [-1] * 5, (), MIXED_WHY),
@@ -94,14 +96,15 @@ def test_auto_picks_one_rule_for_the_whole_listing(keys, prefix, labels, classes
             LabelRule.FOLDER,
             [0, 1, -1, -1, -1],
             ("big", "odd"),
-            "labels: folder (2 classes: big, odd; forced by --labels folder; 3 of 5 image keys lie in no class folder and get -1)",
+            "labels: folder (2 classes: big, odd; forced by --labels folder; "
+            "3 of 5 image keys lie in no class folder and get -1)",
         ),
         (
             LabelRule.SUFFIX,
             [-1, -1, 0, 1, -1],
             (),
-            "labels: suffix (2 distinct labels in 0..1; forced by --labels suffix; 3 of 5 image keys have no _<int> suffix "
-            "and get -1)",
+            "labels: suffix (2 distinct labels in 0..1; forced by --labels suffix; "
+            "3 of 5 image keys have no _<int> suffix and get -1)",
         ),
         (LabelRule.NONE, [-1] * 5, (), "labels: none (forced by --labels none: every key gets -1)"),
         (LabelRule.AUTO, [-1] * 5, (), MIXED_WHY),

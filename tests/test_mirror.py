@@ -137,7 +137,7 @@ def test_fetched_records_are_typed_and_blobs_hold_the_bytes(store):
     objects = {f"k{i}": random.Random(i).randbytes(100 + i) for i in range(50)}
     recs = _run(Mirror(store, FakeGetter(objects), _settings(concurrency=7)), objects)
     assert [r.key for r in recs] == list(objects)
-    for r, (key, data) in zip(recs, objects.items()):
+    for r, (_key, data) in zip(recs, objects.items()):
         assert r.status is MirrorStatus.FETCHED and r.attempts == 1 and r.retries == 0
         assert r.sha256 == hashlib.sha256(data).hexdigest() and r.size == len(data) and r.new
         assert store.path(r.sha256).read_bytes() == data
@@ -439,8 +439,8 @@ def test_summary_rate_is_over_the_mirroring_time_with_decimals_for_small_counts(
 def test_the_transport_survives_faults_in_process(s3_server, tmp_path):
     from cache import load_manifest
     from pipeline.config import ClientOptions
-    from pipeline.fetch.stage import FetchConfig, fetch
     from pipeline.demo.server import seed_objects
+    from pipeline.fetch.stage import FetchConfig, fetch
     from tests.faultproxy import FaultProxy
 
     bucket = "transport-faults"

@@ -12,9 +12,9 @@ import pytest
 from cache import CacheLayout, load_manifest
 from cache.blobs import hash_file
 from cache.verify import verify_cache
-from pipeline.fetch.stage import FetchConfig, fetch
-from pipeline.demo.server import seed_objects
 from pipeline.config import TrainConfig
+from pipeline.demo.server import seed_objects
+from pipeline.fetch.stage import FetchConfig, fetch
 from pipeline.train.loop import train
 from tests.conftest import png_bytes
 from tests.helpers import ROOT, kill_when_blobs, run_cli

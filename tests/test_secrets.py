@@ -19,9 +19,9 @@ import pytest
 
 from cache import CacheLayout, load_manifest
 from pipeline.config import ClientOptions, resolve_endpoint
+from pipeline.demo.server import seed_objects
 from pipeline.fetch.stage import FetchConfig, fetch
 from pipeline.transport.boto import StorageError
-from pipeline.demo.server import seed_objects
 from tests.conftest import png_bytes
 from tests.faultproxy import FaultProxy
 from tests.helpers import closed_port, run_cli, server_process

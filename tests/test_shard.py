@@ -19,8 +19,8 @@ from cache.shard import (
     shard_mask,
     shard_of,
 )
-from pipeline.fetch.stage import FetchConfig, fetch
 from pipeline.demo.server import seed_objects
+from pipeline.fetch.stage import FetchConfig, fetch
 from tests.helpers import blob_count, run_cli
 
 N_KEYS = 300

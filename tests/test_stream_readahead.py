@@ -19,9 +19,9 @@ from cache.manifest import load_manifest, manifests_of
 from pipeline.config import S3Uri, TrainConfig
 from pipeline.data.datasets import DSSDataset
 from pipeline.data.images import UndecodableImage
+from pipeline.data.readahead import ReadAheadPlan, StreamBatches, TaggedBatch
 from pipeline.fetch.listing import Listing
 from pipeline.fetch.mirror import Mirror, MirrorSettings
-from pipeline.data.readahead import ReadAheadPlan, StreamBatches, TaggedBatch
 from pipeline.transport.errors import StorageError
 from pipeline.transport.listing import ObjectInfo
 from tests.conftest import png_bytes

@@ -12,12 +12,12 @@ from PIL import Image
 
 from cache import BlobStore, CacheLayout, write_manifest
 from cache.manifest import ManifestRecord
+from pipeline.config import TrainConfig
 from pipeline.data.datasets import CachedImageDataset
 from pipeline.demo.demo_set import demo_items
 from pipeline.demo.server import seed_objects
-from pipeline.config import TrainConfig
-from pipeline.train.outputs import METRIC_COLUMNS
 from pipeline.train.loop import train
+from pipeline.train.outputs import METRIC_COLUMNS
 from tests.helpers import run_cli
 
 N = 48

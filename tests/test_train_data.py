@@ -13,12 +13,12 @@ from PIL import Image
 
 from cache import BlobStore, CacheLayout, load_manifest, write_manifest
 from cache.manifest import ManifestRecord
-from pipeline.data.cached_dataset import BadSample, CachedImageDataset
-from pipeline.demo.demo_set import demo_items
-from pipeline.fetch.stage import FetchConfig, fetch
-from pipeline.data.images import IMG_EXTENSIONS, image_indices, parse_extensions
-from pipeline.demo.server import seed_objects
 from pipeline.config import TrainConfig
+from pipeline.data.cached_dataset import BadSample, CachedImageDataset
+from pipeline.data.images import IMG_EXTENSIONS, image_indices, parse_extensions
+from pipeline.demo.demo_set import demo_items
+from pipeline.demo.server import seed_objects
+from pipeline.fetch.stage import FetchConfig, fetch
 from pipeline.train.loop import train
 from tests.conftest import png_bytes
 from tests.helpers import ROOT, run_cli

@@ -52,7 +52,7 @@ def test_signer_matches_botocore_byte_for_byte(key, extra, token):
         method="GET", url=f"http://{host}{path}", headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD", **extra}
     )
     _UnsignedPayload(creds, "s3", "eu-west-3").add_auth(req)
-    when = dt.datetime.strptime(req.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    when = dt.datetime.strptime(req.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
     ours = Signer(_Static(creds), "eu-west-3").headers("GET", host, path, "", extra, now=when)
     assert ours["authorization"] == req.headers["Authorization"]
     assert ours["x-amz-date"] == req.headers["X-Amz-Date"]
@@ -77,7 +77,7 @@ def test_signer_matches_botocore_with_a_query(method, prefix):
         headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"},
     )
     _UnsignedPayload(creds, "s3", "us-east-1").add_auth(req)
-    when = dt.datetime.strptime(req.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    when = dt.datetime.strptime(req.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
     ours = Signer(_Static(creds), "us-east-1").headers(method, "s3.example.com", "/bucket", query, now=when)
     assert ours["authorization"] == req.headers["Authorization"]
 
@@ -85,17 +85,11 @@ def test_signer_matches_botocore_with_a_query(method, prefix):
 def test_the_signing_key_follows_the_day_and_the_secret():
     creds = Credentials("AK", "secret-1")
     signer = Signer(_Static(creds), "us-east-1")
-    day1 = signer.headers("GET", "h", "/b/k", now=dt.datetime(2026, 1, 1, 23, 59, tzinfo=dt.timezone.utc))[
-        "authorization"
-    ]
-    day2 = signer.headers("GET", "h", "/b/k", now=dt.datetime(2026, 1, 2, 0, 1, tzinfo=dt.timezone.utc))[
-        "authorization"
-    ]
+    day1 = signer.headers("GET", "h", "/b/k", now=dt.datetime(2026, 1, 1, 23, 59, tzinfo=dt.UTC))["authorization"]
+    day2 = signer.headers("GET", "h", "/b/k", now=dt.datetime(2026, 1, 2, 0, 1, tzinfo=dt.UTC))["authorization"]
     assert "20260101/us-east-1" in day1 and "20260102/us-east-1" in day2
     creds.secret_key = "secret-2"  # as a refresh would
-    again = signer.headers("GET", "h", "/b/k", now=dt.datetime(2026, 1, 2, 0, 1, tzinfo=dt.timezone.utc))[
-        "authorization"
-    ]
+    again = signer.headers("GET", "h", "/b/k", now=dt.datetime(2026, 1, 2, 0, 1, tzinfo=dt.UTC))["authorization"]
     assert again.split("Signature=")[1] != day2.split("Signature=")[1]
 
 

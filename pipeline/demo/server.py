@@ -149,7 +149,8 @@ def serve(*, host: str, port: int, demo: int, seed: int, until_stdin_closes: boo
             f"serving {demo} demo objects at s3://{bucket}/{prefix} on {server.endpoint} (Ctrl-C stops)\n"
             f"  export AWS_ENDPOINT_URL={server.endpoint}\n"
             f"  export AWS_ACCESS_KEY_ID={DEMO_ACCESS_KEY} AWS_SECRET_ACCESS_KEY={DEMO_SECRET_KEY}  # demo-only keys\n"
-            f"  make fetch PREFIX=s3://{bucket}/{prefix} ENDPOINT={server.endpoint}",
+            f"  make fetch PREFIX=s3://{bucket}/{prefix} ENDPOINT={server.endpoint}\n"
+            f"  # or: tess fetch s3://{bucket}/{prefix} --endpoint {server.endpoint}",
             flush=True,
         )
     stop = threading.Event()

@@ -227,7 +227,9 @@ def _cache_source(
     path = find_manifest(config, layout, dist_state)
     if not path.is_file():
         # A plain raise: train() runs build_source through on_every_rank, so every rank reports it.
-        raise FileNotFoundError(f"manifest {path} not found on rank {dist_state.rank}; run `make fetch` on every node")
+        raise FileNotFoundError(
+            f"manifest {path} not found on rank {dist_state.rank}; run `make fetch` (or `tess fetch`) on every node"
+        )
     if stack is not None:
         stack.enter_context(cache_lock(layout, GC_LOCK, shared=True))
     manifest, labels_line = manifest_labels(load_manifest(path), config.labels, layout)
