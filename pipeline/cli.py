@@ -101,7 +101,7 @@ def _demo(args: argparse.Namespace) -> int:
     parser = build_parser()
     fetch_args = parser.parse_args(["fetch", "--demo", str(args.demo), *cache, *quiet])
     train_args = parser.parse_args(["train", "-e", str(args.epochs), "--out", args.out, *cache, *quiet])
-    return commands.cmd_demo(args, fetch_args, train_args)
+    return commands.cmd_demo(fetch_args, train_args)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

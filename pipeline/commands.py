@@ -246,7 +246,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace, fetch_args: argparse.Namespace, train_args: argparse.Namespace) -> int:
+def cmd_demo(fetch_args: argparse.Namespace, train_args: argparse.Namespace) -> int:
     """``tess demo`` (``make demo``): fetch the embedded server's demo set, then train on it; the pictures."""
     from pipeline.fetch import stopping
 
@@ -256,6 +256,6 @@ def cmd_demo(args: argparse.Namespace, fetch_args: argparse.Namespace, train_arg
         return code
     code = cmd_train(train_args)
     if code == 0:
-        pictures = " ".join(os.path.join(args.out, n) for n in ("reconstructions.png", "samples.png", "loss.png"))
+        pictures = " ".join(os.path.join(train_args.out, n) for n in ("reconstructions.png", "samples.png", "loss.png"))
         print(f"pictures: {pictures}")
     return code

@@ -114,16 +114,7 @@ class Mirror:
         if self.store is None:
             raise RuntimeError("this Mirror has no BlobStore: it only reads (Mirror.read)")
         tries = Attempts()
-        base: dict[str, Any] = dict(
-            index=ref.index,
-            key=ref.key,
-            size=ref.size,
-            etag=ref.etag,
-            last_modified=ref.last_modified,
-            label=ref.label,
-            client=self.client,
-            worker=self.worker,
-        )
+        who = {"client": self.client, "worker": self.worker}
 
         async def fetch(version: ObjectRef) -> tuple[str, bool]:
             if version.size >= self.settings.large_threshold:
@@ -136,22 +127,22 @@ class Mirror:
             status = _STATUS_OF_KIND.get(e.kind) or (
                 MirrorStatus.FATAL if e.fatal_when_exhausted else MirrorStatus.FAILED
             )
-            return MirrorRecord(**base, status=status, attempts=tries.sent, error=e.message)
+            return MirrorRecord.of(ref, status, attempts=tries.sent, error=e.message, **who)
         except _TRANSIENT_LOCAL as e:
-            return MirrorRecord(
-                **base, status=MirrorStatus.FAILED, attempts=tries.sent, error=_one_line(self.uri(ref.key), e)
-            )
+            error = _one_line(self.uri(ref.key), e)
+            return MirrorRecord.of(ref, MirrorStatus.FAILED, attempts=tries.sent, error=error, **who)
         except OSError as e:
             # Local disk problems (ENOSPC, EACCES) are fatal: every further object would fail too.
-            return MirrorRecord(
-                **base,
-                status=MirrorStatus.FATAL,
+            return MirrorRecord.of(
+                ref,
+                MirrorStatus.FATAL,
                 attempts=tries.sent,
                 error=f"writing the cache at {self._cache_root} failed: {e.strerror or e}; "
                 "free space or pass --cache-dir",
+                **who,
             )
-        base.update(size=version.size, etag=version.etag, last_modified=version.last_modified)
-        return MirrorRecord(**base, status=MirrorStatus.FETCHED, attempts=tries.sent, sha256=sha, new=new)
+        # The version whose bytes were stored: the listed one, or the newer one a HEAD named.
+        return MirrorRecord.of(version, MirrorStatus.FETCHED, attempts=tries.sent, sha256=sha, new=new, **who)
 
     async def _each_version(
         self, ref: ObjectRef, tries: Attempts, fetch: Callable[[ObjectRef], Any]

@@ -110,18 +110,24 @@ class MirrorRecord:
     worker: int = -1
 
     @classmethod
-    def cached(cls, ref: ObjectRef, sha256: str) -> MirrorRecord:
-        """The record of ``ref`` found in the cache as blob ``sha256`` (no request made)."""
+    def of(cls, ref: ObjectRef, status: MirrorStatus, **outcome: Any) -> MirrorRecord:
+        """The record of ``ref`` (its index, key, size, ETag, LastModified and label) with ``status`` and what
+        else the outcome says (``sha256``, ``attempts``, ``error``, ``client``, ...)."""
         return cls(
             index=ref.index,
             key=ref.key,
-            status=MirrorStatus.CACHED,
+            status=status,
             size=ref.size,
             etag=ref.etag,
             last_modified=ref.last_modified,
             label=ref.label,
-            sha256=sha256,
+            **outcome,
         )
+
+    @classmethod
+    def cached(cls, ref: ObjectRef, sha256: str) -> MirrorRecord:
+        """The record of ``ref`` found in the cache as blob ``sha256`` (no request made)."""
+        return cls.of(ref, MirrorStatus.CACHED, sha256=sha256)
 
     @property
     def ok(self) -> bool:
